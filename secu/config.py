@@ -1,0 +1,405 @@
+"""Typed, validated configuration of the SeCu algorithm, and the named recipes.
+
+Every field names the paper's symbol (SeCu, ICCV 2023) and the flag of the authors' run scripts
+where one exists. Recipes reproduce the reference hyperparameter table of
+``secu-algorithm.md`` section 6; ``fashion-mnist-cpu`` is a small recipe for laptops.
+
+Configs are plain dataclasses so that they can be saved into every checkpoint and output
+(``to_dict``), read back (``from_dict``) and overridden from the command line
+(``apply_overrides(cfg, ["optim.lr=0.1"])``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet50")
+CONSTRAINTS = ("size", "entropy")
+OPTIMIZERS = ("sgd", "lars")
+CENTER_LR_SCHEDULES = ("constant", "cosine_rise")
+MLP_KINDS = ("cifar", "imagenet")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Encoder f = backbone + projection MLP (+ optional predictor)."""
+
+    backbone: str = "resnet18_cifar"
+    """One of small_cnn, resnet18_cifar (3x3 stride-1 stem, no max-pool), resnet18_stl, resnet50."""
+    in_channels: int = 3
+    """Image channels the backbone takes (1 for grayscale data such as Fashion-MNIST)."""
+    feat_dim: int = 128
+    """D, the dimension of the L2-normalised feature z (authors' ``--secu-dim``)."""
+    hidden_dim: int = 0
+    """d, the MLP hidden width; 0 means the backbone's output width."""
+    mlp: str = "cifar"
+    """Projection head: 'cifar' = Linear-BN-ReLU-Linear; 'imagenet' = 3 layers with BN."""
+    predictor: bool = False
+    """ImageNet variant: a predictor MLP on top of the projection (loss divisor becomes 4H)."""
+    cnn_width: int = 32
+    """Base channel width of the small CNN backbone (CPU recipes only)."""
+    sync_bn: bool = True
+    """Convert BatchNorm to SyncBatchNorm in multi-worker training."""
+
+    def __post_init__(self) -> None:
+        _require(self.backbone in BACKBONES, f"model.backbone={self.backbone!r}: choose one of {BACKBONES}")
+        _require(self.in_channels in (1, 3), f"model.in_channels={self.in_channels}: use 1 or 3")
+        _require(self.feat_dim > 0, f"model.feat_dim={self.feat_dim} must be positive")
+        _require(self.hidden_dim >= 0, f"model.hidden_dim={self.hidden_dim} must be >= 0")
+        _require(self.mlp in MLP_KINDS, f"model.mlp={self.mlp!r}: choose one of {MLP_KINDS}")
+        _require(self.cnn_width > 0, f"model.cnn_width={self.cnn_width} must be positive")
+
+
+@dataclass
+class SeCuConfig:
+    """The clustering objective: heads, temperatures and the global constraint."""
+
+    ks: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    """K_h for every head h (authors' ``--secu-k``). Head 0 is evaluated."""
+    constraint: str = "size"
+    """'size' (lower bound on cluster sizes, dual variables) or 'entropy' (entropy of sizes)."""
+    tx: float = 0.05
+    """Temperature of the representation loss (``--secu-tx``)."""
+    tw: float = 0.05
+    """Temperature of the center loss (``--secu-tw``)."""
+    tau: float = 0.2
+    """Weight of the one-hot stored label in the soft target (``--secu-alpha`` in the scripts)."""
+    dual_lr: float = 0.1
+    """Step size of the dual variables rho under the size constraint (``--secu-dual-lr``)."""
+    lratio: float = 0.9
+    """Lower-bound ratio: every cluster should hold at least lratio * G / K of a batch (``--secu-lratio``)."""
+    alpha: float = 6000.0
+    """Weight of the entropy term under the entropy constraint (``--secu-alpha`` for entropy runs)."""
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(int(k) for k in self.ks)
+        _require(len(self.ks) > 0, "secu.ks is empty: give at least one head, e.g. secu.ks=[10]")
+        _require(all(k >= 2 for k in self.ks), f"secu.ks={list(self.ks)}: every K must be >= 2")
+        _require(
+            self.constraint in CONSTRAINTS, f"secu.constraint={self.constraint!r}: choose one of {CONSTRAINTS}"
+        )
+        _require(self.tx > 0 and self.tw > 0, f"secu.tx={self.tx}, secu.tw={self.tw}: must be positive")
+        _require(0.0 <= self.tau <= 1.0, f"secu.tau={self.tau} must lie in [0, 1]")
+        _require(self.dual_lr >= 0, f"secu.dual_lr={self.dual_lr} must be >= 0")
+        _require(0.0 < self.lratio <= 1.0, f"secu.lratio={self.lratio} must lie in (0, 1]")
+        _require(self.alpha >= 0, f"secu.alpha={self.alpha} must be >= 0")
+
+    @property
+    def num_heads(self) -> int:
+        """H, the number of heads."""
+        return len(self.ks)
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation: two parameter groups (encoder: lr, centers: clr) and the schedules."""
+
+    optimizer: str = "sgd"
+    """'sgd' (momentum) for small images; 'lars' for ImageNet."""
+    lr: float = 0.2
+    """Peak encoder learning rate (``--lr``)."""
+    clr: float = 1.2
+    """Center learning rate (``--secu-clr``)."""
+    center_lr_schedule: str = "constant"
+    """'constant', or 'cosine_rise' = clr * (1 - cos(pi t / (E I))) / 2 (ImageNet, entropy)."""
+    weight_decay: float = 1e-4
+    """Weight decay, applied to both groups (``--wd``)."""
+    momentum: float = 0.9
+    """Momentum, applied to both groups."""
+    epochs: int = 401
+    """E, total epochs including epoch 0, which only initialises centers and labels (lr = 0)."""
+    warmup_epochs: int = 11
+    """Epochs 1..warmup_epochs-1 warm the encoder lr up linearly; cosine decay afterwards."""
+    batch_size: int = 128
+    """Global batch G across all workers."""
+    mixed_precision: bool = True
+    """bfloat16/float16 autocast on GPU; ignored on CPU."""
+
+    def __post_init__(self) -> None:
+        _require(self.optimizer in OPTIMIZERS, f"optim.optimizer={self.optimizer!r}: choose {OPTIMIZERS}")
+        _require(
+            self.center_lr_schedule in CENTER_LR_SCHEDULES,
+            f"optim.center_lr_schedule={self.center_lr_schedule!r}: choose {CENTER_LR_SCHEDULES}",
+        )
+        _require(self.lr >= 0 and self.clr >= 0, "optim.lr and optim.clr must be >= 0")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.momentum < 1, f"optim.momentum={self.momentum} must lie in [0, 1)")
+        _require(self.epochs >= 1, f"optim.epochs={self.epochs} must be >= 1")
+        _require(
+            1 <= self.warmup_epochs <= self.epochs,
+            f"optim.warmup_epochs={self.warmup_epochs} must lie in [1, optim.epochs={self.epochs}]",
+        )
+        _require(self.batch_size >= 2, f"optim.batch_size={self.batch_size} must be >= 2")
+
+
+@dataclass
+class AugmentConfig:
+    """Two asymmetric views (secu-algorithm.md section 5). Views are produced as uint8 images;
+    normalisation with mean/std happens on the training device."""
+
+    image_size: int = 32
+    """Output side of both views (RandomResizedCrop size)."""
+    min_crop: float = 0.3
+    """Lower end of the RandomResizedCrop scale range (``--min-crop``)."""
+    channels: int = 3
+    """Channels of the views (1 keeps grayscale; 3 converts grayscale to RGB)."""
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    """Per-channel mean for normalisation."""
+    std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+    """Per-channel std for normalisation."""
+    jitter_p: float = 0.8
+    """Probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (brightness/contrast only on 1 channel)."""
+    grayscale_p: float = 0.2
+    """Probability of RandomGrayscale (a no-op on 1-channel views)."""
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    """Probability of GaussianBlur(sigma in [0.1, 2]) for view 1 and view 2."""
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    """Probability of Solarize for view 1 and view 2."""
+    flip: bool = True
+    """Random horizontal flip."""
+    eval_resize: int = 0
+    """Evaluation transform: resize the short side to this (0 = image_size), then center crop."""
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        self.blur_p = (float(self.blur_p[0]), float(self.blur_p[1]))
+        self.solarize_p = (float(self.solarize_p[0]), float(self.solarize_p[1]))
+        _require(self.image_size >= 8, f"augment.image_size={self.image_size} must be >= 8")
+        _require(0 < self.min_crop <= 1, f"augment.min_crop={self.min_crop} must lie in (0, 1]")
+        _require(self.channels in (1, 3), f"augment.channels={self.channels}: use 1 or 3")
+        _require(
+            len(self.mean) == self.channels and len(self.std) == self.channels,
+            f"augment.mean/std need {self.channels} values (one per channel), got {self.mean} / {self.std}",
+        )
+        _require(all(s > 0 for s in self.std), f"augment.std={self.std} must be positive")
+        for name in ("jitter_p", "grayscale_p"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"augment.{name}={value} must lie in [0, 1]")
+        for p in (*self.blur_p, *self.solarize_p):
+            _require(0 <= p <= 1, f"augment blur_p/solarize_p={p} must lie in [0, 1]")
+        _require(self.eval_resize >= 0, f"augment.eval_resize={self.eval_resize} must be >= 0")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything the algorithm needs; saved into every checkpoint and output."""
+
+    name: str = "custom"
+    """Recipe name this config came from (informational)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    secu: SeCuConfig = field(default_factory=SeCuConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    """Seed for initialisation and augmentation streams."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.model.in_channels == self.augment.channels,
+            f"model.in_channels={self.model.in_channels} differs from augment.channels="
+            f"{self.augment.channels}: set both to the same value",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        out: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        """Build a validated config from a (possibly partial) nested dict; unknown keys are errors."""
+        return _merge(cls(), data)
+
+
+_T = TypeVar("_T")
+
+
+def _merge(base: _T, data: Mapping[str, Any], prefix: str = "") -> _T:
+    """Return a copy of dataclass ``base`` with the values of ``data`` merged in, re-validated."""
+    assert dataclasses.is_dataclass(base) and not isinstance(base, type)
+    names = {f.name: f for f in dataclasses.fields(base)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(
+                f"unknown config key {prefix + key!r}; valid keys here: {sorted(names)}"
+            )
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {prefix + key!r} needs a mapping, got {value!r}")
+            values[key] = _merge(current, value, prefix + key + ".")
+        else:
+            values[key] = _coerce(value, current, prefix + key)
+    fields_now = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    fields_now.update(values)
+    return type(base)(**copy.deepcopy(fields_now))
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert a parsed value to the type of the field's current value."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(current, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            if not isinstance(value, Iterable):
+                raise ValueError(value)
+            items = list(value)
+            kind = type(current[0]) if current else float
+            return tuple(kind(v) for v in items)
+        return type(current)(value) if current is not None else value
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"config key {key!r}: cannot use {value!r} where a {type(current).__name__} is expected"
+        ) from err
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``"optim.lr=0.1"`` into ``{"optim": {"lr": "0.1"}}`` (values coerced on merge)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key.sub=value (e.g. optim.lr=0.1)")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"override {text!r} has an empty key")
+    nested: dict[str, Any] = {parts[-1]: value.strip()}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def apply_overrides(cfg: _T, overrides: Iterable[str]) -> _T:
+    """Apply ``key.sub=value`` overrides to any config dataclass; returns a new validated config."""
+    for text in overrides:
+        cfg = _merge(cfg, parse_override(text))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the reference hyperparameters (secu-algorithm.md section 6) and a CPU recipe.
+# ---------------------------------------------------------------------------------------------
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _cifar10(constraint: str) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="cifar10" if constraint == "size" else "cifar10-entropy",
+        model=ModelConfig(backbone="resnet18_cifar"),
+        secu=SeCuConfig(ks=tuple(range(10, 101, 10)), constraint=constraint, tx=0.05, tw=0.05,
+                        tau=0.2, dual_lr=0.1, lratio=0.9, alpha=6000.0),
+        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=1.2, weight_decay=1e-4, epochs=401,
+                          batch_size=128),
+        augment=AugmentConfig(image_size=32, min_crop=0.3, mean=_CIFAR_MEAN, std=_CIFAR_STD),
+    )
+
+
+def _cifar100_20() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="cifar100-20",
+        model=ModelConfig(backbone="resnet18_cifar"),
+        secu=SeCuConfig(ks=tuple(range(20, 201, 20)), constraint="size", tx=0.05, tw=0.05, tau=0.2,
+                        dual_lr=0.1, lratio=0.9),
+        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=0.8, weight_decay=1e-4, epochs=801, batch_size=128),
+        augment=AugmentConfig(image_size=32, min_crop=0.2, mean=(0.5071, 0.4865, 0.4409),
+                              std=(0.2673, 0.2564, 0.2762)),
+    )
+
+
+def _stl10() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="stl10",
+        model=ModelConfig(backbone="resnet18_stl"),
+        secu=SeCuConfig(ks=tuple(range(10, 101, 10)), constraint="size", tx=0.05, tw=1.0, tau=0.2,
+                        dual_lr=0.1, lratio=0.9),
+        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=0.8, weight_decay=1e-4, epochs=801, batch_size=128),
+        augment=AugmentConfig(image_size=96, min_crop=0.2, mean=(0.4467, 0.4398, 0.4066),
+                              std=(0.2603, 0.2566, 0.2713)),
+    )
+
+
+def _imagenet1k(constraint: str) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="imagenet1k" if constraint == "size" else "imagenet1k-entropy",
+        model=ModelConfig(backbone="resnet50", mlp="imagenet", predictor=True, hidden_dim=2048),
+        secu=SeCuConfig(ks=tuple(range(1000, 10001, 1000)), constraint=constraint, tx=0.05, tw=0.05,
+                        tau=0.2, dual_lr=20.0, lratio=0.4, alpha=1e5),
+        optim=OptimConfig(optimizer="lars", lr=1.6, clr=4.2, weight_decay=1e-6, epochs=1001,
+                          batch_size=1024,
+                          center_lr_schedule="cosine_rise" if constraint == "entropy" else "constant"),
+        augment=AugmentConfig(image_size=224, min_crop=0.08, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                              eval_resize=256),
+    )
+
+
+def _fashion_mnist_cpu() -> ExperimentConfig:
+    # A recipe choice for 2 CPU cores: a small CNN, three heads, short schedule. Same algorithm.
+    return ExperimentConfig(
+        name="fashion-mnist-cpu",
+        model=ModelConfig(backbone="small_cnn", in_channels=1, cnn_width=32, feat_dim=128),
+        secu=SeCuConfig(ks=(10, 20, 30), constraint="size", tx=0.05, tw=0.05, tau=0.2,
+                        dual_lr=0.1, lratio=0.9),
+        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=1.2, weight_decay=1e-4, epochs=8,
+                          warmup_epochs=2, batch_size=256, mixed_precision=False),
+        augment=AugmentConfig(image_size=28, min_crop=0.3, channels=1, mean=(0.2860,), std=(0.3530,),
+                              jitter_p=0.8, grayscale_p=0.0),
+    )
+
+
+def _fashion_mnist_gpu() -> ExperimentConfig:
+    # The reference small-image recipe (ResNet-18, CIFAR stem) applied to Fashion-MNIST on a GPU.
+    cfg = _cifar10("size")
+    cfg.name = "fashion-mnist-resnet18"
+    cfg.model.in_channels = 1
+    cfg.augment = AugmentConfig(image_size=28, min_crop=0.3, channels=1, mean=(0.2860,), std=(0.3530,),
+                                grayscale_p=0.0)
+    cfg.optim.epochs = 201
+    return ExperimentConfig.from_dict(cfg.to_dict())
+
+
+_RECIPES = {
+    "cifar10": lambda: _cifar10("size"),
+    "cifar10-entropy": lambda: _cifar10("entropy"),
+    "cifar100-20": _cifar100_20,
+    "stl10": _stl10,
+    "imagenet1k": lambda: _imagenet1k("size"),
+    "imagenet1k-entropy": lambda: _imagenet1k("entropy"),
+    "fashion-mnist-cpu": _fashion_mnist_cpu,
+    "fashion-mnist-resnet18": _fashion_mnist_gpu,
+}
+
+RECIPE_NAMES = tuple(sorted(_RECIPES))
+
+
+def recipe(name: str) -> ExperimentConfig:
+    """Return a fresh copy of the named recipe."""
+    if name not in _RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPE_NAMES)}")
+    return _RECIPES[name]()

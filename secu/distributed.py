@@ -1,0 +1,88 @@
+"""Collective helpers: the only place in ``secu/`` that talks to ``torch.distributed``.
+
+Every helper is the identity when no process group is initialised, so the algorithm runs unchanged
+in one process. Losses and solvers never call these; the training step gathers what they need and
+passes the gathered tensors in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _collective_device(t: torch.Tensor) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU tensors.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0, in rank order.
+
+    Ranks may hold different numbers of rows (the last batch of an epoch); rows are padded to the
+    largest count for the collective and the padding is removed again. No gradient flows.
+    """
+    if not is_distributed():
+        return t.detach()
+    device = _collective_device(t)
+    local = t.detach().to(device)
+    n_local = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(n_local) for _ in range(world_size())]
+    dist.all_gather(counts, n_local)
+    sizes = [int(c.item()) for c in counts]
+    n_max = max(sizes)
+    if local.shape[0] < n_max:
+        pad = torch.zeros((n_max - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=device)
+        local = torch.cat([local, pad], dim=0)
+    parts = [torch.empty_like(local) for _ in sizes]
+    dist.all_gather(parts, local)
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], dim=0)
+    return out.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor; the input is unchanged)."""
+    if not is_distributed():
+        return t.detach().clone()
+    device = _collective_device(t)
+    out = t.detach().to(device).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (a new tensor)."""
+    return all_reduce_sum(t) / world_size()
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` as held by rank ``src`` (a new tensor on every rank)."""
+    if not is_distributed():
+        return t.detach().clone()
+    device = _collective_device(t)
+    out = t.detach().to(device).clone()
+    dist.broadcast(out, src=src)
+    return out.to(t.device)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
