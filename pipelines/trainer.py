@@ -1,0 +1,99 @@
+"""Driver side of training: validate, build the dataset and the coordinator, run ``TorchTrainer``.
+
+Everything a user can get wrong (config, missing dataset, unreachable storage) is checked before
+any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines.coordinator import CoordinatorClient
+from pipelines.data import BadInputPolicy, build_train_dataset
+from pipelines.dataset_info import DatasetInfo, load_dataset_info, load_manifest_labels
+from pipelines.job_config import TrainJobConfig
+from pipelines.storage import StorageConfig
+from pipelines.train_loop import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class TrainOutcome:
+    """What the driver reports after training."""
+
+    run_id: str
+    checkpoint_path: str | None
+    metrics: dict[str, Any]
+    epochs_run: int
+
+
+def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
+    """Train (or resume) ``job.run_id`` on the dataset, with checkpoints under the run prefix."""
+    storage.check_reachable()
+    info: DatasetInfo = load_dataset_info(storage, job.dataset)
+    if info.num_samples < job.experiment.optim.batch_size:
+        raise ValueError(
+            f"dataset {job.dataset!r} has {info.num_samples} images, fewer than the global batch "
+            f"optim.batch_size={job.experiment.optim.batch_size}; lower the batch size or ingest more images"
+        )
+    if not ray.is_initialized():
+        ray.init()
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if not job.compute.use_gpu and job.compute.num_workers * job.compute.cpus_per_worker > cluster_cpus:
+        logger.warning(
+            "the run asks for %d workers x %.1f CPUs but the cluster has %.0f CPUs now; it will wait for "
+            "the autoscaler to add nodes", job.compute.num_workers, job.compute.cpus_per_worker, cluster_cpus)
+
+    labels = load_manifest_labels(storage, job.dataset, info.num_samples)
+    true_labels = labels if bool((labels >= 0).any()) else None
+    dataset = build_train_dataset(
+        storage, job.dataset, job.experiment.augment, seed=job.experiment.seed,
+        policy=BadInputPolicy(max_bad_fraction=job.compute.max_bad_fraction),
+    )
+    coordinator = CoordinatorClient.create(
+        run_id=job.run_id, num_samples=info.num_samples, ks=list(job.experiment.secu.ks),
+        num_shards=job.compute.coordinator_shards, true_labels=true_labels,
+    )
+    fs, run_path = storage.pyarrow_fs_and_path(storage.join("runs", job.run_id))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.to_dict(), "storage": storage, "coordinator": coordinator,
+            "num_samples": info.num_samples,
+        },
+        torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=job.compute.num_workers, use_gpu=job.compute.use_gpu,
+            resources_per_worker={"CPU": job.compute.cpus_per_worker} | ({"GPU": 1} if job.compute.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=run_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=job.compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    logger.info("training run %s: %d workers, dataset %s (%d images), checkpoints under %s",
+                job.run_id, job.compute.num_workers, job.dataset, info.num_samples,
+                storage.join("runs", job.run_id, CHECKPOINTS_DIR))
+    try:
+        result = trainer.fit()
+    finally:
+        coordinator.shutdown()
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
+    metrics = dict(result.metrics or {})
+    return TrainOutcome(run_id=job.run_id, checkpoint_path=checkpoint_path, metrics=metrics,
+                        epochs_run=int(metrics.get("epoch", -1)) + 1)

@@ -1,0 +1,3 @@
+"""Fixtures for the job tests (defined in tests/fixtures.py so that other test folders reuse them)."""
+
+from tests.fixtures import moto_endpoint, ray_cluster, s3_bucket  # noqa: F401

@@ -1,0 +1,49 @@
+"""The console script and the training job's config resolution (no Ray started)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+from jobs import train as train_job
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("secu 0.")
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("ingest", "train", "infer", "evaluate", "report", "recluster"):
+        assert command in out
+    assert cli.main(["frobnicate"]) == 2
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "secu"
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip().startswith("secu ")
+
+
+def test_train_config_resolution(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("recipe: fashion-mnist-cpu\ncompute:\n  num_workers: 2\nexperiment:\n  optim:\n    epochs: 3\n")
+    args = train_job.build_parser().parse_args(
+        ["--config", str(cfg), "--set", "optim.lr=0.05", "--set", "compute.checkpoint_every=2", "--storage", "x"])
+    job = train_job.resolve_job(args)
+    assert job.experiment.optim.epochs == 3 and job.experiment.optim.lr == 0.05
+    assert job.compute.checkpoint_every == 2 and job.compute.num_workers == 2
+    assert job.run_id.startswith("fashion-mnist-cpu-fashion-mnist-")
+    # the derived run id follows the config: a different lr is a different run
+    other = train_job.resolve_job(train_job.build_parser().parse_args(["--config", str(cfg), "--storage", "x"]))
+    assert other.run_id != job.run_id
+
+
+def test_bad_config_fails_before_any_work(tmp_path: Path) -> None:
+    code = train_job.main(["--recipe", "fashion-mnist-cpu", "--set", "optim.batch_size=255",
+                           "--storage", str(tmp_path)])
+    assert code == 2  # 255 is not divisible by 2 workers
+    code = train_job.main(["--set", "secu.constraint=balanced", "--storage", str(tmp_path)])
+    assert code == 2
+    assert not any(tmp_path.iterdir())  # nothing was written

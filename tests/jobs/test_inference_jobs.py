@@ -1,0 +1,76 @@
+"""The infer, evaluate and report entrypoints: arguments, exit codes, errors (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from jobs import cli, evaluate, infer, report
+from pipelines.dataset_info import load_dataset_info, read_manifest
+from pipelines.storage import StorageConfig
+from tests.pipelines.run_builders import make_dataset, publish_assignments
+
+
+@pytest.fixture()
+def published(tmp_path: Path) -> StorageConfig:
+    storage = StorageConfig(str(tmp_path))
+    make_dataset(storage, "tiny", 9, shard_size=9)
+    manifest = read_manifest(storage, load_dataset_info(storage, "tiny"))
+    labels = manifest["label"].to_pylist()
+    publish_assignments(storage, "r", "tiny", list(range(9)), manifest["key"].to_pylist(),
+                        manifest["shard"].to_pylist(), [labels], ks=[3], files=1)
+    return storage
+
+
+def test_parsers_have_the_documented_options() -> None:
+    args = infer.build_parser().parse_args(["--storage", "/x", "--run-id", "r", "--with-embeddings",
+                                            "--set", "batch_size=8", "--dataset", "d"])
+    assert (args.run_id, args.with_embeddings, args.overrides, args.dataset) == ("r", True, ["batch_size=8"], "d")
+    assert evaluate.build_parser().parse_args(["--storage", "/x", "--run-id", "r"]).output_name is None
+    assert report.build_parser().parse_args(["--storage", "/x", "--run-id", "r", "--head", "1"]).head == 1
+    with pytest.raises(SystemExit):
+        infer.build_parser().parse_args(["--storage", "/x"])  # --run-id is required
+
+
+def test_infer_fails_clearly_without_a_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        code = infer.main(["--storage", str(tmp_path), "--run-id", "missing"])
+    assert code == 2
+    assert "no complete checkpoint" in caplog.text and "jobs.train" in caplog.text
+
+
+def test_infer_rejects_unknown_options(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert infer.main(["--storage", str(tmp_path), "--run-id", "r", "--set", "bogus=1"]) == 2
+    assert "bogus" in caplog.text
+    with caplog.at_level(logging.ERROR):
+        assert infer.main(["--storage", str(tmp_path), "--run-id", "r", "--set", "batch_size=0"]) == 2
+    assert "batch_size=0" in caplog.text
+
+
+def test_evaluate_prints_a_table_and_writes_metrics(published: StorageConfig,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate.main(["--storage", published.root, "--run-id", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "ACC" in out and "1.0000" in out
+    metrics = json.loads(Path(published.path("runs/r/metrics.json")).read_text())
+    assert metrics["heads"][0]["acc"] == 1.0 and metrics["protocol"]["dataset"] == "tiny"
+    assert evaluate.main(["--storage", published.root, "--run-id", "r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["heads"][0]["nmi"] == 1.0
+
+
+def test_evaluate_refuses_unpublished_output(published: StorageConfig, caplog: pytest.LogCaptureFixture) -> None:
+    Path(published.path("runs/r/assignments/_SUCCESS")).unlink()
+    with caplog.at_level(logging.ERROR):
+        assert evaluate.main(["--storage", published.root, "--run-id", "r"]) == 2
+    assert "_SUCCESS is missing" in caplog.text and "jobs.infer" in caplog.text
+
+
+def test_report_through_the_console_script(published: StorageConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["report", "--storage", published.root, "--run-id", "r", "--set", "top=2"]) == 0
+    index = Path(capsys.readouterr().out.strip())
+    assert index == Path(published.path("runs/r/report/index.html")) and index.exists()
+    assert report.main(["--storage", published.root, "--run-id", "r", "--head", "3"]) == 2

@@ -1,0 +1,78 @@
+"""``python -m jobs.ingest``: arguments, exit codes, messages; local and S3 (moto) targets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import ingest as ingest_job
+from jobs.common import storage_from_args
+from pipelines.dataset_info import load_dataset_info
+from pipelines.storage import StorageConfig
+from tests.fixtures import write_idx_dataset
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # small sources then run inline, without Ray
+
+
+def test_parser_defaults_and_storage_args() -> None:
+    args = ingest_job.build_parser().parse_args(
+        ["--source", "idx:/d", "--dataset", "fm", "--storage", "s3://bkt/p",
+         "--s3-endpoint", "http://127.0.0.1:9"])
+    assert (args.split, args.shard_size, args.max_pixels, args.limit, args.ray) == (
+        "train", 10_000, 50_000_000, None, "auto")
+    assert storage_from_args(args) == StorageConfig("s3://bkt/p", "http://127.0.0.1:9")
+    with pytest.raises(SystemExit):
+        ingest_job.build_parser().parse_args(["--source", "x", "--dataset", "fm"])  # --storage is required
+
+
+def test_ingest_idx_then_rerun_then_append(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 6, 3)
+    base = ["--source", f"idx:{tmp_path / 'fm'}", "--dataset", "fm", "--storage", str(tmp_path / "st"),
+            "--shard-size", "4", "--ray", "off"]
+    assert ingest_job.main(base) == 0
+    assert ingest_job.main(base) == 0
+    info = load_dataset_info(StorageConfig(str(tmp_path / "st")), "fm")
+    assert (info.num_samples, info.version, [s.count for s in info.shards]) == (6, 1, [4, 2])
+    assert ingest_job.main([*base, "--split", "test"]) == 0
+    info = load_dataset_info(StorageConfig(str(tmp_path / "st")), "fm")
+    assert (info.num_samples, info.version) == (9, 2)
+    assert info.ingests[-1]["split"] == "test" and info.ingests[-1]["added"] == 3
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    argv = ["--source", f"idx:{tmp_path}", "--dataset", "fm", "--storage", str(tmp_path)]
+    assert ingest_job.main(argv) == 2
+    assert "no train-images-idx3-ubyte" in caplog.text
+    assert ingest_job.main(["--source", str(tmp_path), "--dataset", "fm", "--storage", "gs://b/p"]) == 2
+    assert "unsupported scheme" in caplog.text
+    write_idx_dataset(tmp_path / "fm", 2, 1)
+    assert ingest_job.main(["--source", f"idx:{tmp_path / 'fm'}", "--dataset", "fm", "--split", "valid",
+                            "--storage", str(tmp_path / "st")]) == 2
+    assert "--split 'valid' is not valid for idx" in caplog.text
+
+
+def test_s3_storage_and_missing_bucket(tmp_path: Path, moto_endpoint: str, s3_bucket: str,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    write_idx_dataset(tmp_path / "fm", 5, 1)
+    argv = ["--source", f"idx:{tmp_path / 'fm'}", "--dataset", "fm", "--s3-endpoint", moto_endpoint]
+    assert ingest_job.main([*argv, "--storage", f"s3://{s3_bucket}/secu"]) == 0
+    st = StorageConfig(f"s3://{s3_bucket}/secu", moto_endpoint)
+    assert json.loads(st.read_bytes("datasets/fm/dataset.json"))["num_samples"] == 5
+    caplog.set_level(logging.ERROR)
+    assert ingest_job.main([*argv, "--storage", "s3://missing-bucket/secu"]) == 2
+    assert "bucket 'missing-bucket' does not exist at endpoint" in caplog.text
+
+
+def test_module_entrypoint_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "jobs.ingest", "--help"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert "--source" in out.stdout and "--shard-size" in out.stdout and "idx:DIR" in out.stdout
