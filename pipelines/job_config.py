@@ -43,8 +43,10 @@ class ComputeConfig:
     max_bad_fraction: float = 0.01
     """Fail when more than this fraction of the images are undecodable / over the pixel limit."""
     fault_injection: str = ""
-    """Test-only: 'worker:EPOCH:STEP' kills rank 1 (or 0) once, 'coordinator:EPOCH:STEP' kills a
-    coordinator shard once, at that step. Empty in every real run."""
+    """Test-only, comma-separated: 'worker:EPOCH:STEP' kills rank 1 (or 0) once, 'coordinator:EPOCH:STEP'
+    kills coordinator shard 0 once, at that step. Empty in every real run."""
+    stop_after_epoch: int = -1
+    """Stop cleanly after this epoch's checkpoint (-1 = run all epochs); resubmitting the run id resumes."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -55,7 +57,8 @@ class ComputeConfig:
             raise ValueError("compute.max_failures must be >= 0, or -1 for unlimited")
         if self.checkpoint_every < 1 or self.num_to_keep < 1 or self.coordinator_shards < 1:
             raise ValueError("compute.checkpoint_every, num_to_keep and coordinator_shards must be >= 1")
-        if self.fault_injection and not re.match(r"^(worker|coordinator):\d+:\d+$", self.fault_injection):
+        if self.fault_injection and not re.match(r"^(worker|coordinator):\d+:\d+(,(worker|coordinator):\d+:\d+)*$",
+                                                 self.fault_injection):
             raise ValueError(
                 f"compute.fault_injection={self.fault_injection!r}: use 'worker:EPOCH:STEP' or "
                 "'coordinator:EPOCH:STEP' (test-only)"

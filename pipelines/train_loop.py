@@ -65,13 +65,10 @@ def _unwrap(net: nn.Module) -> nn.Module:
 def _maybe_fire_fault(job: TrainJobConfig, storage: StorageConfig, kind: str, epoch: int, step: int,
                       coordinator: CoordinatorClient) -> None:
     """Test-only fault injection, fired at most once per run (a marker file records it)."""
-    spec = job.compute.fault_injection
-    if not spec:
+    wanted = {tuple(part.split(":")) for part in job.compute.fault_injection.split(",") if part}
+    if (kind, str(epoch), str(step)) not in wanted:
         return
-    want_kind, want_epoch, want_step = spec.split(":")
-    if (want_kind, int(want_epoch), int(want_step)) != (kind, epoch, step):
-        return
-    marker = storage.join("runs", job.run_id, f"_fault_{kind}_fired")
+    marker = storage.join("runs", job.run_id, f"_fault_{kind}_{epoch}_{step}_fired")
     if storage.exists(marker):
         return
     storage.write_bytes_atomic(marker, b"fired\n")
@@ -200,7 +197,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 [c.numpy() for c in state.counters], [d.numpy() for d in state.duals]))
         state = state.at_epoch_end(exp.secu.constraint)
         history.append(metrics)
-        save_now = (epoch + 1) % job.compute.checkpoint_every == 0 or epoch == exp.optim.epochs - 1
+        save_now = ((epoch + 1) % job.compute.checkpoint_every == 0 or epoch == exp.optim.epochs - 1
+                    or epoch == job.compute.stop_after_epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if save_now and rank == 0:
@@ -213,3 +211,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 history.write(storage, job.run_id)
             log.info("epoch %d done in %.1fs: %s", epoch, elapsed, MetricsLog.format_line(metrics))
             ray.train.report(metrics, checkpoint=ckpt)
+        if epoch == job.compute.stop_after_epoch:
+            log.info("stopping after epoch %d as configured (compute.stop_after_epoch)", epoch)
+            break
