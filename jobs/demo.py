@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     _step("ingest", ingest_job.main(["--source", f"idx:{source}", "--split", "test", "--dataset",
                                      "fashion-mnist-test", *storage]))
     overrides = [x for o in args.overrides for x in ("--set", o)]
+    # Two training workers at half a CPU each leave a CPU for Ray Data's decode and augmentation tasks.
+    compute = ["--set", "compute.cpus_per_worker=0.5", "--set", "compute.torch_threads=1"]
     _step("train", train_job.main(["--recipe", "fashion-mnist-cpu", "--dataset", train_name, "--run-id",
-                                   args.run_id, "--num-workers", "2", *overrides, *storage]))
+                                   args.run_id, "--num-workers", "2", *compute, *overrides, *storage]))
     for dataset in (train_name, "fashion-mnist-test"):
         _step("infer", infer_job.main(["--run-id", args.run_id, "--dataset", dataset, *storage]))
         _step("evaluate", evaluate_job.main(["--run-id", args.run_id, "--dataset", dataset, *storage]))

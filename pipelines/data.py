@@ -3,7 +3,8 @@
 Pipeline (nothing is materialised; each epoch re-reads the shards):
 
 ```
-read_webdataset(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch)
+read_webdataset(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch,
+                one read task per shard, its output split into blocks of ~ROWS_PER_BLOCK rows)
   -> map_batches "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
   -> map_batches "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
   -> map_batches "eval_transform"     image (uint8 C x S x S), sample_index, key, shard, label  [evaluation]
@@ -47,6 +48,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -73,6 +75,9 @@ logger = logging.getLogger(__name__)
 IMAGE_FIELD = "img"
 """Every image member (``.png``, ``.jpg``, ...) is renamed to this field while reading."""
 DECODE_BATCH = 256
+ROWS_PER_BLOCK = 1024
+"""Read output is split into blocks of about this many rows, so that decode + augment run as many small
+tasks (the first batch arrives after ~1,000 images, not after a whole 10,000-image shard)."""
 TRAIN_COLUMNS = ("view1", "view2", "sample_index")
 EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label")
 
@@ -369,13 +374,17 @@ def plan_dataset(storage: StorageConfig, dataset: str, policy: BadInputPolicy,
 
 def _read_and_decode(storage: StorageConfig, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
                      shuffle: FileShuffleConfig | None) -> ray.data.Dataset:
+    # override_num_blocks = shards x split: Ray still runs exactly one read task per shard (a failing
+    # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
+    largest = max(s.count for s in plan.info.shards)
+    split = max(1, math.ceil(largest / ROWS_PER_BLOCK))
     ds = ray.data.read_webdataset(
         plan.paths,
         filesystem=storage.filesystem,
         decoder=None,
         file_extensions=["tar"],
         shuffle=shuffle,
-        override_num_blocks=len(plan.paths),
+        override_num_blocks=len(plan.paths) * split,
         filerename=_rename_member,
         suffixes=[IMAGE_FIELD, "json"],
     )

@@ -39,6 +39,7 @@ from pipelines.metrics_log import MetricsLog
 from pipelines.storage import StorageConfig
 from secu import distributed
 from secu.augment import normalize
+from secu.network import SeCuNetwork
 from secu.optim import build_optimizer, set_learning_rates
 from secu.schedules import lr_schedule
 from secu.state import ClusterState
@@ -58,8 +59,10 @@ class _RankZeroLogger:
             logger.info(msg, *args)
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+def _unwrap(net: nn.Module) -> SeCuNetwork:
+    base = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+    assert isinstance(base, SeCuNetwork)
+    return base
 
 
 def _maybe_fire_fault(job: TrainJobConfig, storage: StorageConfig, kind: str, epoch: int, step: int,

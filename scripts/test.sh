@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
+echo "== system packages the tests use"
+if ! bash scripts/ensure_chromium.sh; then
+  # Only the report rendering test needs it; in CI it must be there.
+  if [ "${CI:-}" = "true" ]; then exit 1; fi
+fi
+
 echo "== ruff"
 "$VENV/bin/ruff" check .
 echo "== mypy (secu, pipelines, jobs)"

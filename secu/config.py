@@ -360,13 +360,13 @@ def _imagenet1k(constraint: str) -> ExperimentConfig:
 
 
 def _fashion_mnist_cpu() -> ExperimentConfig:
-    # A recipe choice for 2 CPU cores: a small CNN, three heads, short schedule. Same algorithm.
+    # A recipe choice for 2 CPU cores: a small CNN (width 16), three heads, short schedule. Same algorithm.
     return ExperimentConfig(
         name="fashion-mnist-cpu",
-        model=ModelConfig(backbone="small_cnn", in_channels=1, cnn_width=32, feat_dim=128),
+        model=ModelConfig(backbone="small_cnn", in_channels=1, cnn_width=16, feat_dim=128),
         secu=SeCuConfig(ks=(10, 20, 30), constraint="size", tx=0.05, tw=0.05, tau=0.2,
                         dual_lr=0.1, lratio=0.9),
-        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=1.2, weight_decay=1e-4, epochs=8,
+        optim=OptimConfig(optimizer="sgd", lr=0.2, clr=1.2, weight_decay=1e-4, epochs=10,
                           warmup_epochs=2, batch_size=256, mixed_precision=False),
         augment=AugmentConfig(image_size=28, min_crop=0.3, channels=1, mean=(0.2860,), std=(0.3530,),
                               jitter_p=0.8, grayscale_p=0.0),
