@@ -26,6 +26,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from pipelines.bad_input import verify_epoch
 from pipelines.checkpointing import (
     TrainingState,
     build_network,
@@ -88,6 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     storage: StorageConfig = loop_config["storage"]
     coordinator: CoordinatorClient = loop_config["coordinator"]
     num_samples: int = loop_config["num_samples"]
+    bad_input_counter = loop_config["bad_input_counter"]
     exp = job.experiment
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -139,9 +141,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         snapshot = [p.to(device) for p in base.centers.snapshot()]
         coordinator.begin_epoch(epoch)
         sums = {"loss": 0.0, "loss_center": 0.0, "loss_repr": 0.0, "changed": 0.0}
-        steps, images = 0, 0
-        for batch in shard.iter_torch_batches(batch_size=job.local_batch_size, drop_last=True,
+        steps, images, delivered = 0, 0, 0
+        for batch in shard.iter_torch_batches(batch_size=job.local_batch_size, drop_last=False,
                                               dtypes=None, device="cpu"):
+            delivered += int(batch["sample_index"].shape[0])
+            if batch["sample_index"].shape[0] < job.local_batch_size:
+                # The last partial batch is counted but not trained on (BatchNorm needs full batches;
+                # every rank gets the same rows, so all ranks skip it together).
+                continue
             t = min(epoch * iters_per_epoch + steps, len(lrs) - 1)
             set_learning_rates(optimizer, float(lrs[t]), float(clrs[t]))
             ids = batch["sample_index"].long()
@@ -176,6 +183,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         distributed.barrier()
         elapsed = time.perf_counter() - t_epoch
         images_all = float(distributed.all_reduce_sum(torch.tensor(float(images))))
+        delivered_all = int(distributed.all_reduce_sum(torch.tensor(float(delivered))))
+        if rank == 0:
+            # Rows that never arrived (a damaged shard) count against the bad-input budget. The split
+            # gives every rank the same number of rows and may drop up to world - 1 of them.
+            verify_epoch(bad_input_counter, rows_seen=delivered_all + world - 1)
         loss_terms = distributed.all_reduce_mean(
             torch.tensor([sums["loss"], sums["loss_center"], sums["loss_repr"]]) / max(steps, 1)
         )

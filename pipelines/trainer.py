@@ -15,8 +15,9 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pipelines.bad_input import BadInputPolicy, new_bad_input_counter
 from pipelines.coordinator import CoordinatorClient
-from pipelines.data import BadInputPolicy, build_train_dataset
+from pipelines.data import build_train_dataset
 from pipelines.dataset_info import DatasetInfo, load_dataset_info, load_manifest_labels
 from pipelines.job_config import TrainJobConfig
 from pipelines.storage import StorageConfig
@@ -56,10 +57,10 @@ def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
 
     labels = load_manifest_labels(storage, job.dataset, info.num_samples)
     true_labels = labels if bool((labels >= 0).any()) else None
-    dataset = build_train_dataset(
-        storage, job.dataset, job.experiment.augment, seed=job.experiment.seed,
-        policy=BadInputPolicy(max_bad_fraction=job.compute.max_bad_fraction),
-    )
+    policy = BadInputPolicy(max_bad_fraction=job.compute.max_bad_fraction)
+    bad_input_counter = new_bad_input_counter(info.num_samples, policy)
+    dataset = build_train_dataset(storage, job.dataset, job.experiment.augment, seed=job.experiment.seed,
+                                  policy=policy, counter=bad_input_counter)
     coordinator = CoordinatorClient.create(
         run_id=job.run_id, num_samples=info.num_samples, ks=list(job.experiment.secu.ks),
         num_shards=job.compute.coordinator_shards, true_labels=true_labels,
@@ -69,7 +70,7 @@ def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
         train_loop_per_worker,
         train_loop_config={
             "job": job.to_dict(), "storage": storage, "coordinator": coordinator,
-            "num_samples": info.num_samples,
+            "num_samples": info.num_samples, "bad_input_counter": bad_input_counter,
         },
         torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
