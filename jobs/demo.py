@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
     print(f"  assignments (Parquet): {run_dir}/assignments-*/")
     print(f"  metrics:               {run_dir}/metrics*.json")
-    print(f"  report:                {run_dir}/report/index.html")
+    print(f"  report:                {run_dir}/report-fashion-mnist-test/index.html")
     return 0
 
 
