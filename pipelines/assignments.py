@@ -205,6 +205,17 @@ def read_marker(storage: StorageConfig, run_id: str, name: str = DEFAULT_NAME) -
     return marker
 
 
+def published_files(storage: StorageConfig, run_id: str, name: str = DEFAULT_NAME) -> list[str]:
+    """Locations (``s3://...`` or absolute paths) of the files of a published output, as ``_SUCCESS`` lists
+    them: hand these to DuckDB, Spark or ``pyarrow.dataset`` when an output is too large for one table.
+
+    Raises:
+        FileNotFoundError: If the output is not published.
+    """
+    marker = read_marker(storage, run_id, name)
+    return [storage.uri(output_dir(run_id, name), item["path"]) for item in marker["files"]]
+
+
 def read_assignments(storage: StorageConfig, run_id: str, name: str = DEFAULT_NAME,
                      columns: list[str] | None = None) -> pa.Table:
     """The published assignments of a run as one table (declared schema, or the chosen ``columns``).

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,14 +117,15 @@ def checkpoint_at(path: str, storage: StorageConfig) -> CheckpointRef:
 
 
 @contextlib.contextmanager
-def local_checkpoint_dir(ref: CheckpointRef) -> Iterator[str]:
-    """A local directory holding the checkpoint's model and metadata (downloaded when remote)."""
+def local_checkpoint_dir(ref: CheckpointRef, extra_files: Sequence[str] = ()) -> Iterator[str]:
+    """A local directory holding the checkpoint's model and metadata, plus ``extra_files`` (e.g. the
+    coordinator state), downloaded when remote."""
     if not ref.location.is_s3:
         yield ref.location.root
         return
     tmp = tempfile.mkdtemp(prefix="secu-ckpt-")
     try:
-        for name in (MODEL_FILE, META_FILE):
+        for name in (MODEL_FILE, META_FILE, *extra_files):
             with ref.location.filesystem.open_input_stream(ref.location.path(name)) as src, \
                     open(os.path.join(tmp, name), "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)

@@ -3,7 +3,8 @@
 Pipeline (Ray Data, streaming)::
 
     shards (tar) --read + decode + evaluation transform (CPU tasks, pipelines.data)--> uint8 C x S x S
-      --> Assigner actors (map_batches, model loaded once per actor; one GPU each when there are GPUs)
+      --> Assigner actors (map_batches with an ActorPoolStrategy of N actors, model loaded once per actor;
+          one GPU each when there are GPUs)
       --> write_parquet into runs/<run_id>/<name>/_staging-<attempt>/
       --> verify (ids unique and in range; skipped bad images within the policy's budget)
       --> publish (pipelines.assignments: _SUCCESS written last)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from pipelines.assignments import (
     new_attempt,
     output_dir,
     publish,
+    published_files,
     read_assignments,
     remove_stale_staging,
     staged_files,
@@ -52,7 +55,7 @@ from pipelines.schema import (
 from pipelines.storage import StorageConfig, join
 from secu.augment import normalize
 
-__all__ = ["Assigner", "InferenceOptions", "InferenceResult", "read_assignments", "run_inference"]
+__all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
 
 def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = None,
                   checkpoint: str | None = None, output_name: str | None = None,
-                  options: InferenceOptions | None = None) -> InferenceResult:
+                  options: InferenceOptions | None = None, shards: Sequence[str] | None = None) -> InferenceResult:
     """Assign every image of ``dataset`` (default: the run's training dataset) and publish the rows.
 
     Args:
@@ -234,14 +237,17 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
         output_name: Output directory under the run; default ``assignments`` for the training
             dataset and ``assignments-<dataset>`` for another one.
         options: Batch size, actors, GPU use, embeddings.
+        shards: Only these shards of the dataset (e.g. the ones a reclustering tick added); all when None.
+            The output then holds their rows only (``_SUCCESS`` lists them under ``shards``).
 
     Returns:
         What was published.
     """
     import ray
+    import ray.data
 
     from pipelines.bad_input import BadInputPolicy, new_bad_input_counter, verify_epoch
-    from pipelines.data import build_eval_dataset
+    from pipelines.data import build_eval_dataset, selected_shards
 
     options = options or InferenceOptions()
     storage.check_reachable()
@@ -254,6 +260,9 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
     train_dataset = loaded.job.dataset
     dataset = dataset or train_dataset
     info = load_dataset_info(storage, dataset)
+    chosen_shards = selected_shards(info, shards)  # ValueError on an unknown shard, before any Ray work
+    chosen = [s.name for s in chosen_shards]
+    expected = sum(s.count for s in chosen_shards)
     name = output_name or default_output_name(dataset, train_dataset)
     out_rel = output_dir(run_id, name)
     attempt = new_attempt()
@@ -264,12 +273,13 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
         ray.init()
     use_gpu, concurrency = _resources(options)
     logger.info("inference of run %s (checkpoint %s, epoch %d) on dataset %s (%d images): %d actor(s), %s, "
-                "batch %d -> %s", run_id, ref.label, ref.epoch, dataset, info.num_samples, concurrency,
+                "batch %d -> %s", run_id, ref.label, ref.epoch, dataset, expected, concurrency,
                 "GPU" if use_gpu else "CPU", options.batch_size, storage.uri(staging_rel))
     start = time.monotonic()
     policy = BadInputPolicy(max_bad_fraction=options.max_bad_fraction)
-    counter = new_bad_input_counter(info.num_samples, policy)
-    ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter)
+    counter = new_bad_input_counter(expected, policy)
+    ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter,
+                            shards=None if shards is None else chosen)
     ds = ds.map_batches(
         Assigner,
         fn_constructor_kwargs={
@@ -278,7 +288,7 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
         },
         batch_size=options.batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=options.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
@@ -298,6 +308,8 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
         "dataset": dataset,
         "dataset_version": info.version,
         "dataset_num_samples": info.num_samples,
+        "scope": "all" if shards is None else "shards",
+        "shards": None if shards is None else chosen,
         "train_dataset": train_dataset,
         "checkpoint": ref.label,
         "checkpoint_epoch": ref.epoch,
@@ -313,7 +325,7 @@ def run_inference(storage: StorageConfig, run_id: str, *, dataset: str | None = 
         "images_per_s": round(rows / max(seconds, 1e-9), 1),
         "device": "gpu" if use_gpu else "cpu",
         "actors": concurrency,
-        "skipped": {"count": info.num_samples - rows, "by_reason": bad.by_reason, "examples": bad.examples},
+        "skipped": {"count": expected - rows, "by_reason": bad.by_reason, "examples": bad.examples},
     }
     marker = publish(storage, out_rel, staging_rel, marker)
     return InferenceResult(run_id=run_id, name=name, uri=storage.uri(out_rel), rows=rows, checkpoint=ref.label,

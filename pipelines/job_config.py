@@ -108,7 +108,8 @@ class TrainJobConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainJobConfig:
         """Inverse of ``to_dict``; validates."""
-        unknown = set(data) - {"experiment", "compute", "dataset", "run_id", "recipe"}
+        # "history" is the per-epoch metrics log that checkpoints carry beside the config.
+        unknown = set(data) - {"experiment", "compute", "dataset", "run_id", "recipe", "history"}
         if unknown:
             raise ValueError(f"unknown train config keys {sorted(unknown)}; valid: experiment, compute, "
                              "dataset, run_id, recipe")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from pipelines.assignments import read_marker
+from pipelines.assignments import published_files, read_marker
 from pipelines.dataset_info import load_dataset_info, read_manifest
 from pipelines.evaluation import evaluate_assignments, format_table, metrics_file, write_metrics
 from pipelines.ingest import IngestOptions, ingest
@@ -122,3 +122,5 @@ def test_published_files_are_plain_parquet(tmp_path: Path) -> None:
     # A plain reader of the directory (pyarrow dataset discovery) sees exactly the rows once.
     table = pq.read_table(str(tmp_path / "runs" / "r" / "assignments"))
     assert sorted(table["sample_index"].to_pylist()) == list(range(6))
+    listed = published_files(storage, "r")
+    assert listed == [str(tmp_path / "runs" / "r" / "assignments" / f) for f in files[1:]]
