@@ -52,7 +52,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -64,7 +64,7 @@ from PIL import Image, ImageOps
 from ray.data import FileShuffleConfig
 
 from pipelines.bad_input import BadInputError, BadInputPolicy, BadSample, new_bad_input_counter
-from pipelines.dataset_info import DatasetInfo, dataset_dir, load_dataset_info, parse_key
+from pipelines.dataset_info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info, parse_key
 from pipelines.sources import IMAGE_EXTENSIONS
 from pipelines.storage import StorageConfig, join
 from secu.augment import EvalTransform, TwoViewAugment, augment_batch, eval_batch
@@ -332,23 +332,44 @@ class DatasetPlan:
     """Read tasks (= shards) allowed to fail within the policy's budget."""
 
 
+def selected_shards(info: DatasetInfo, shards: Collection[str] | None) -> list[ShardInfo]:
+    """The committed shards named in ``shards`` (all of them for None), in dataset order.
+
+    Raises:
+        ValueError: A name is not a committed shard of the dataset, or the selection is empty.
+    """
+    if shards is None:
+        return list(info.shards)
+    wanted = set(shards)
+    unknown = sorted(wanted - {s.name for s in info.shards})
+    if unknown or not wanted:
+        raise ValueError(f"dataset {info.name!r}: shards {unknown[:5] or '(none)'} are not committed shards of the "
+                         f"dataset (it has {len(info.shards)}: {info.shards[0].name if info.shards else '-'} ...); "
+                         "pass names listed in dataset.json")
+    return [s for s in info.shards if s.name in wanted]
+
+
 def plan_dataset(storage: StorageConfig, dataset: str, policy: BadInputPolicy,
-                 counter: Any | None = None) -> DatasetPlan:
-    """Check the committed shards against their recorded sizes and set up the bad-input counter.
+                 counter: Any | None = None, shards: Collection[str] | None = None) -> DatasetPlan:
+    """Check the committed shards (all, or the ones named in ``shards``) against their recorded sizes and
+    set up the bad-input counter (sized for the selected shards).
 
     Raises:
         FileNotFoundError: The dataset does not exist (the message names the ingest command).
+        ValueError: ``shards`` names a shard the dataset does not have.
         BadInputError: Missing or truncated shards alone exceed the policy's budget.
     """
     storage.check_reachable()
     info = load_dataset_info(storage, dataset)
     if info.num_samples == 0:
         raise ValueError(f"dataset {dataset!r} has no samples: ingest images first")
+    chosen = selected_shards(info, shards)
+    num_chosen = sum(s.count for s in chosen)
     if counter is None:
-        counter = new_bad_input_counter(info.num_samples, policy)
+        counter = new_bad_input_counter(num_chosen, policy)
     present = {e.path: e.size for e in storage.list(join(dataset_dir(dataset), "shards"))}
     paths, excluded, lost = [], {}, 0
-    for shard in info.shards:
+    for shard in chosen:
         size = present.get(shard.name)
         if size is None:
             excluded[shard.name] = "missing_shard"
@@ -361,13 +382,13 @@ def plan_dataset(storage: StorageConfig, dataset: str, policy: BadInputPolicy,
             continue
         lost += shard.count
         ray.get(counter.exclude_shard.remote(shard.name, excluded[shard.name], shard.count))
-    budget = policy.budget(info.num_samples)
+    budget = policy.budget(num_chosen)
     if lost > budget or not paths:
         raise BadInputError(
             f"dataset {dataset!r}: shards {sorted(excluded)} are missing or truncated ({lost} of "
-            f"{info.num_samples} samples, the policy allows {budget}); restore them or re-ingest the dataset"
+            f"{num_chosen} samples, the policy allows {budget}); restore them or re-ingest the dataset"
         )
-    largest = max(s.count for s in info.shards)
+    largest = max(s.count for s in chosen)
     return DatasetPlan(info, paths, {s.name: s.first_index for s in info.shards}, excluded, counter,
                        max_errored_blocks=(budget - lost) // max(largest, 1))
 
@@ -420,11 +441,13 @@ def build_train_dataset(storage: StorageConfig, dataset: str, augment: AugmentCo
 
 
 def build_eval_dataset(storage: StorageConfig, dataset: str, augment: AugmentConfig, *,
-                       policy: BadInputPolicy | None = None, counter: Any | None = None) -> ray.data.Dataset:
+                       policy: BadInputPolicy | None = None, counter: Any | None = None,
+                       shards: Collection[str] | None = None) -> ray.data.Dataset:
     """The evaluation stream: ``image`` (uint8 C x S x S, deterministic), ``sample_index``, ``key``,
-    ``shard``, ``label`` (int64, -1 when unknown). Shards are read in order (no shuffle)."""
+    ``shard``, ``label`` (int64, -1 when unknown). Shards (all, or those named in ``shards``) are read in
+    order (no shuffle)."""
     policy = policy or BadInputPolicy()
-    plan = plan_dataset(storage, dataset, policy, counter)
+    plan = plan_dataset(storage, dataset, policy, counter, shards)
     ds = _read_and_decode(storage, plan, augment.channels, policy, None)
     return ds.map_batches(cast(Any, eval_transform), batch_size=DECODE_BATCH, batch_format="numpy",
                           fn_kwargs={"cfg_json": json.dumps(asdict(augment))})

@@ -4,6 +4,7 @@ Layout of the report directory (``report`` for the output ``assignments``, ``rep
 ``assignments-<suffix>``)::
 
     index.html              run, protocol, metrics per head, cluster-size bar chart, training curves,
+                            drift since the previous reclustering tick (when the run has drift.json),
                             confusion heat map (with labels), the cluster table (inline when K is small)
     clusters/page-001.html  the cluster table, ``page_size`` clusters per page (K > page_size)
     clusters/c0042.html     one page per cluster: size, scores, label mix, most confident and random images
@@ -40,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.assignments import DEFAULT_NAME, read_assignments, read_marker
+from pipelines.cluster_alignment import DRIFT_FILE
 from pipelines.dataset_info import dataset_dir
 from pipelines.evaluation import evaluate_assignments, labels_for, load_labels
 from pipelines.metrics_log import HISTORY_FILE
@@ -261,6 +263,46 @@ def _curves(history: list[dict[str, Any]], head: int) -> str:
     return f'<div class="charts">{"".join(charts)}</div>'
 
 
+def _drift(storage: StorageConfig, run_id: str) -> dict[str, Any] | None:
+    rel = join("runs", run_id, DRIFT_FILE)
+    if not storage.exists(rel):
+        return None
+    data: dict[str, Any] = json.loads(storage.read_bytes(rel).decode("utf-8"))
+    return data
+
+
+def _drift_section(drift: dict[str, Any], head: int) -> str:
+    """Per head: images compared, share that changed cluster, appeared/vanished clusters, size change."""
+    if not drift.get("previous_run_id"):
+        return f"<p class=meta>{escape(str(drift.get('note', 'no previous tick')))}.</p>"
+    images = drift.get("images", {})
+    parts = [f"<p class=meta>Compared with run <b>{escape(str(drift['previous_run_id']))}</b> on "
+             f"{escape(str(drift.get('source', '')))} labels: {images.get('common', 0)} images in both runs, "
+             f"{images.get('only_current', 0)} new. Cluster ids are the previous run's (centers matched by the "
+             "Hungarian algorithm on cosine similarity).</p>",
+             "<table><tr><th>head</th><th>K</th><th>compared</th><th>changed cluster</th><th>appeared</th>"
+             "<th>vanished</th><th>size TV distance</th><th>center match (mean cos)</th></tr>"]
+    for row in drift.get("heads", []):
+        changed = row.get("changed_frac")
+        match = row.get("match", {})
+        parts.append(
+            f"<tr><td>{row['head']}</td><td>{row['k']}</td><td>{row['compared']}</td>"
+            f"<td>{'n/a' if changed is None else _fmt_pct(changed)}</td>"
+            f"<td class=l>{escape(', '.join(map(str, row['appeared'][:20])) or '-')}</td>"
+            f"<td class=l>{escape(', '.join(map(str, row['vanished'][:20])) or '-')}</td>"
+            f"<td>{row['size_tv']:.3f}</td><td>{match.get('mean_similarity', float('nan')):.3f}</td></tr>")
+    parts.append("</table>")
+    rows = next((r for r in drift.get("heads", []) if r["head"] == head), None)
+    if rows and rows.get("largest_changes"):
+        parts.append(f"<p class=meta>Largest size changes of head {head}:</p><table><tr><th>cluster</th>"
+                     "<th>before</th><th>now</th><th>share before</th><th>share now</th></tr>")
+        parts += [f'<tr><td><a href="clusters/{cluster_page(c["cluster"])}">{c["cluster"]}</a></td><td>{c["before"]}'
+                  f'</td><td>{c["now"]}</td><td>{_fmt_pct(c["share_before"])}</td><td>{_fmt_pct(c["share_now"])}</td>'
+                  "</tr>" for c in rows["largest_changes"]]
+        parts.append("</table>")
+    return "".join(parts)
+
+
 def _metrics_table(evaluation: dict[str, Any]) -> str:
     labelled = bool(evaluation["protocol"]["labelled_rows"])
     cols = [("k", "K", "{:.0f}")] + ([("acc", "ACC", "{:.4f}"), ("nmi", "NMI", "{:.4f}"), ("ari", "ARI", "{:.4f}")]
@@ -363,7 +405,8 @@ def build_report(storage: StorageConfig, run_id: str, name: str = DEFAULT_NAME,
                 wanted[shards[i]].add(keys[i])
         available = _extract_all(storage, str(marker["dataset"]), wanted, os.path.join(tmp, "thumbs"), options)
         total_wanted = sum(len(s) for s in wanted.values())
-        ctx = _Context(run_id, name, marker, evaluation, views, keys, conf, available, labelled, n, k, h)
+        ctx = _Context(run_id, name, marker, evaluation, views, keys, conf, available, labelled, n, k, h,
+                       _drift(storage, run_id))
         _write(tmp, "index.html", _index_page(ctx, history, table_CK, class_names, sizes_K, options, tmp))
         pages = [views[i:i + options.page_size] for i in range(0, k, options.page_size)]
         if len(pages) > 1:
@@ -393,6 +436,8 @@ class _Context:
     n: int
     k: int
     head: int
+    drift: dict[str, Any] | None = None
+    """``drift.json`` of a reclustering tick (``pipelines.recluster``), when the run has one."""
 
 
 def _extract_all(storage: StorageConfig, dataset: str, wanted: dict[str, set[str]], out_dir: str,
@@ -437,6 +482,8 @@ def _index_page(ctx: _Context, history: list[dict[str, Any]], table_CK: np.ndarr
              f"<h2>Cluster sizes (head {ctx.head}, K = {ctx.k})</h2>"]
     parts.append(_size_bars(sizes_K, ctx.n))
     parts += ["<h2>Training</h2>", _curves(history, ctx.head)]
+    if ctx.drift is not None:
+        parts += ["<h2>Drift since the previous reclustering tick</h2>", _drift_section(ctx.drift, ctx.head)]
     if table_CK is not None:
         parts += ["<h2>Confusion (classes x clusters)</h2>", _confusion(table_CK, class_names, sizes_K, out_dir)]
     parts.append(f"<h2>Clusters of head {ctx.head}</h2>")

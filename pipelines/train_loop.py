@@ -8,7 +8,8 @@ every rank calls ``ray.train.report``.
 
 Restart semantics: on (re)start the loop loads the latest checkpoint and restores the coordinator
 to exactly the checkpoint's state, so labels written after the checkpoint are discarded and the
-epoch is replayed from its beginning.
+epoch is replayed from its beginning. A run without a checkpoint of its own starts from the warm start
+in ``loop_config["warm_start"]`` when the driver gave one (``pipelines.warm_start``), else fresh.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -38,6 +40,7 @@ from pipelines.coordinator import CoordinatorClient
 from pipelines.job_config import TrainJobConfig
 from pipelines.metrics_log import MetricsLog
 from pipelines.storage import StorageConfig
+from pipelines.warm_start import WarmStart
 from secu import distributed
 from secu.augment import normalize
 from secu.network import SeCuNetwork
@@ -125,6 +128,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             coordinator.load_state_dict(coord_state)
         log.info("resumed run %s from the checkpoint of epoch %d", job.run_id, saved.epoch)
+    elif loop_config.get("warm_start") is not None:
+        # No checkpoint of its own yet: start from the previous run's network, duals and labels
+        # (pipelines.warm_start); every attempt before the first checkpoint starts from it again.
+        warm: WarmStart = ray.get(loop_config["warm_start"])
+        base.load_state_dict(warm.network)
+        state = warm.cluster_state
+        if rank == 0:
+            coordinator.load_state_dict(warm.coordinator_state)
+        log.info("warm start of run %s from %s (epoch %d of run %s)", job.run_id, warm.source,
+                 warm.source_epoch, warm.source_run_id)
     elif rank == 0:
         # A fresh run must start from an empty memory even if the coordinator saw writes from an
         # attempt that died before its first checkpoint.

@@ -6,6 +6,7 @@ any Ray work starts.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.bad_input import BadInputPolicy, new_bad_input_counter
-from pipelines.coordinator import CoordinatorClient
+from pipelines.checkpoint_lookup import checkpoint_at, list_checkpoints
+from pipelines.coordinator import CoordinatorClient, shard_ranges
 from pipelines.data import build_train_dataset
 from pipelines.dataset_info import DatasetInfo, load_dataset_info, load_manifest_labels
 from pipelines.job_config import TrainJobConfig
 from pipelines.storage import StorageConfig
 from pipelines.train_loop import train_loop_per_worker
+from pipelines.warm_start import WarmStart, prepare_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,16 @@ class TrainOutcome:
     epochs_run: int
 
 
-def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
-    """Train (or resume) ``job.run_id`` on the dataset, with checkpoints under the run prefix."""
+def run_training(job: TrainJobConfig, storage: StorageConfig, *, init_from: str | None = None) -> TrainOutcome:
+    """Train (or resume) ``job.run_id`` on the dataset, with checkpoints under the run prefix.
+
+    Args:
+        job: The validated job config.
+        storage: Where the dataset and the run live.
+        init_from: A checkpoint directory (local or ``s3://``), e.g. the previous reclustering run's, to
+            warm-start from (``pipelines.warm_start``) while this run has no checkpoint of its own; once
+            it has one, the run resumes from it and ``init_from`` is not used.
+    """
     storage.check_reachable()
     info: DatasetInfo = load_dataset_info(storage, job.dataset)
     if info.num_samples < job.experiment.optim.batch_size:
@@ -47,6 +58,7 @@ def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
             f"dataset {job.dataset!r} has {info.num_samples} images, fewer than the global batch "
             f"optim.batch_size={job.experiment.optim.batch_size}; lower the batch size or ingest more images"
         )
+    warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
     if not ray.is_initialized():
         ray.init()
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
@@ -71,6 +83,7 @@ def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
         train_loop_config={
             "job": job.to_dict(), "storage": storage, "coordinator": coordinator,
             "num_samples": info.num_samples, "bad_input_counter": bad_input_counter,
+            "warm_start": None if warm_start is None else ray.put(warm_start),
         },
         torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -98,3 +111,20 @@ def run_training(job: TrainJobConfig, storage: StorageConfig) -> TrainOutcome:
     metrics = dict(result.metrics or {})
     return TrainOutcome(run_id=job.run_id, checkpoint_path=checkpoint_path, metrics=metrics,
                         epochs_run=int(metrics.get("epoch", -1)) + 1)
+
+
+def _warm_start(job: TrainJobConfig, storage: StorageConfig, init_from: str, num_samples: int) -> WarmStart | None:
+    """The warm start from ``init_from`` (recorded in runs/<run_id>/warm_start.json), or None when the run
+    already has a checkpoint of its own (it resumes from that instead)."""
+    if list_checkpoints(storage, job.run_id):
+        logger.info("run %s has checkpoints of its own: resuming from them, not warm-starting from %s",
+                    job.run_id, init_from)
+        return None
+    ref = checkpoint_at(init_from, storage)
+    warm = prepare_warm_start(ref, job, num_samples, shard_ranges(num_samples, job.compute.coordinator_shards))
+    record = warm.summary()
+    storage.write_bytes_atomic(storage.join("runs", job.run_id, "warm_start.json"),
+                               (json.dumps(record, indent=1) + "\n").encode())
+    logger.info("run %s warm-starts from %s (epoch %d): %d previous labels, %d new images start unlabelled",
+                job.run_id, ref.label, warm.source_epoch, warm.previous_num_samples, record["new_samples"])
+    return warm

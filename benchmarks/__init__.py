@@ -1,0 +1,1 @@
+"""Benchmarks: one script per claim, each run as ``python -m benchmarks.<name> [--quick] [--out FILE]``."""

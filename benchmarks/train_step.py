@@ -1,0 +1,209 @@
+"""Training step: one SeCu step vs the same encoder and batch with a plain two-view loss.
+
+Claim: SeCu's clustering machinery (H heads of centers, the size constraint, the hardness-aware
+center loss, the representation loss against stored labels, and the per-instance memory) costs a
+small fraction of a training step; the encoder dominates.
+
+- ``secu``: per step, read the stored labels of the batch from a ``LocalMemory`` (steady state: every
+  instance has a label from the previous epoch), ``secu.step.secu_step`` (both views through the
+  encoder, similarities to every head's centers, constrained assignment, dual update, both losses),
+  backward, optimizer step (encoder + centers), write the new labels into the memory.
+- ``plain``: the same encoder architecture and initial weights, the same views, a symmetric cosine
+  loss between the two views' embeddings, -mean(z1 . z2), backward, optimizer step (same optimizer).
+
+Both include the uint8 -> float normalisation of the views. Blocks of ``--steps`` steps alternate
+(after a warm-up block each); a block's figure is its median step time; the table shows the median
+and spread over the blocks. Single process, no Ray, ``--threads`` torch threads (default 1: on a
+shared machine, more intra-op threads mostly measure the other processes). ``--quick`` uses batches
+of 64 and 2 steps per block: a smoke test, not a measurement.
+
+Configs: ``fashion-mnist-cpu`` (small CNN, 3 heads, batch 256, 1 x 28 x 28);
+``cifar-smallcnn`` (the cifar10 recipe's 10 heads and batch 128 at 3 x 32 x 32, on the small CNN);
+``cifar10-resnet18`` (the cifar10 recipe as published: ResNet-18, 10 heads, batch 128; slow on a CPU,
+left out of ``--quick``).
+
+    python -m benchmarks.train_step
+    python -m benchmarks.train_step --quick
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    Figures,
+    LoadProbe,
+    alternate,
+    base_parser,
+    print_table,
+    ratios,
+    start_result,
+    write_result,
+)
+from secu.augment import normalize
+from secu.config import ExperimentConfig, apply_overrides, recipe
+from secu.model import Encoder
+from secu.network import SeCuNetwork
+from secu.optim import build_optimizer
+from secu.state import ClusterState, LocalMemory
+from secu.step import secu_step
+
+NAME = "train_step"
+BASELINE = "plain"
+
+
+def configs(quick: bool) -> dict[str, ExperimentConfig]:
+    """The measured configurations."""
+    out = {
+        "fashion-mnist-cpu": recipe("fashion-mnist-cpu"),
+        "cifar-smallcnn": apply_overrides(recipe("cifar10"), ["model.backbone=small_cnn", "model.cnn_width=32"]),
+    }
+    if not quick:
+        out["cifar10-resnet18"] = recipe("cifar10")
+    return out
+
+
+@dataclass
+class Batch:
+    """One fixed batch: uint8 views and ids (the step's cost does not depend on the pixels)."""
+
+    view1: torch.Tensor
+    view2: torch.Tensor
+    ids: torch.Tensor
+
+
+def make_batch(exp: ExperimentConfig, batch: int, num_samples: int, seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, exp.augment.channels, exp.augment.image_size, exp.augment.image_size)
+    return Batch(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
+                 torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen),
+                 torch.randperm(num_samples, generator=gen)[:batch])
+
+
+class SeCuRunner:
+    """The SeCu side: network with centers, optimizer, cluster state and a filled memory."""
+
+    def __init__(self, exp: ExperimentConfig, num_samples: int) -> None:
+        torch.manual_seed(exp.seed)
+        self.exp = exp
+        self.net = SeCuNetwork(Encoder(exp.model), exp.model.feat_dim, exp.secu.ks,
+                               generator=torch.Generator().manual_seed(exp.seed + 1))
+        self.opt = build_optimizer(self.net.encoder.parameters(), self.net.centers.parameters(), exp.optim)
+        self.state = ClusterState.create(exp.secu.ks)
+        self.memory = LocalMemory(num_samples, exp.secu.num_heads)
+        gen = torch.Generator().manual_seed(1)
+        for h, k in enumerate(exp.secu.ks):  # steady state: labels from a previous epoch everywhere
+            self.memory.labels_HN[h] = torch.randint(0, k, (num_samples,), generator=gen, dtype=torch.int32)
+        self.snapshot = self.net.centers.snapshot()
+
+    def step(self, b: Batch) -> None:
+        aug = self.exp.augment
+        v1, v2 = normalize(b.view1, aug.mean, aug.std), normalize(b.view2, aug.mean, aug.std)
+        prev = self.memory.read(b.ids).long()
+        result = secu_step(self.net, v1, v2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
+        self.opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.opt.step()
+        self.state = result.state
+        mask = result.write_mask_B
+        self.memory.write(b.ids[mask], result.labels_HB[:, mask])
+
+
+class PlainRunner:
+    """The baseline: the same encoder (same initial weights) with a symmetric cosine two-view loss."""
+
+    def __init__(self, exp: ExperimentConfig) -> None:
+        torch.manual_seed(exp.seed)
+        self.exp = exp
+        self.encoder = Encoder(exp.model)
+        self.opt = build_optimizer(self.encoder.parameters(), [], exp.optim)
+
+    def step(self, b: Batch) -> None:
+        aug = self.exp.augment
+        z1, _ = self.encoder(normalize(b.view1, aug.mean, aug.std))
+        z2, _ = self.encoder(normalize(b.view2, aug.mean, aug.std))
+        loss = -(z1 * z2).sum(dim=1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def block(step: Callable[[Batch], None], b: Batch, steps: int) -> Figures:
+    """``steps`` timed steps; the block's figure is the median step time."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step(b)
+        times.append(time.perf_counter() - t0)
+    out: Figures = {"step_ms": 1e3 * statistics.median(times), "mean_step_ms": 1e3 * statistics.fmean(times),
+                    "steps": float(steps)}
+    out.update({f"step_{i}_ms": 1e3 * t for i, t in enumerate(times)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(NAME, __doc__)
+    parser.add_argument("--steps", type=int, default=None, help="steps per block (default 10; quick 3)")
+    parser.add_argument("--resnet-steps", type=int, default=2, help="steps per block for cifar10-resnet18")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine more threads mostly measure contention)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="override every config's batch (default: the recipe's; quick: 64)")
+    parser.add_argument("--num-samples", type=int, default=60_000, help="N of the label memory")
+    args = parser.parse_args(argv)
+    steps = args.steps or (2 if args.quick else 10)
+    batch_override = args.batch or (64 if args.quick else None)
+    torch.set_num_threads(args.threads)
+    result = start_result(NAME, args)
+    load = LoadProbe()
+    per_config: dict[str, Any] = {}
+    for name, exp in configs(args.quick).items():
+        batch = batch_override or exp.optim.batch_size
+        n_steps = args.resnet_steps if exp.model.backbone.startswith("resnet") else steps
+        b = make_batch(exp, batch, args.num_samples)
+        secu, plain = SeCuRunner(exp, args.num_samples), PlainRunner(exp)
+        print(f"\n{name}: {exp.model.backbone}, heads {list(exp.secu.ks)}, batch {batch}, "
+              f"{exp.augment.channels}x{exp.augment.image_size}x{exp.augment.image_size}, {n_steps} steps per block")
+        rounds = alternate({"secu": functools.partial(block, secu.step, b, n_steps),
+                            "plain": functools.partial(block, plain.step, b, n_steps)},
+                           args.repeats, args.warmup)
+        summary = rounds.summary("step_ms")
+        ratio = ratios(summary, BASELINE)["secu"]
+        per_config[name] = {
+            "backbone": exp.model.backbone, "heads": list(exp.secu.ks), "batch": batch,
+            "view_shape": [exp.augment.channels, exp.augment.image_size, exp.augment.image_size],
+            "steps_per_block": n_steps, "experiment": exp.to_dict(),
+            "raw": rounds.raw, "order": rounds.order, "step_ms": summary,
+            "ratio_secu_to_plain": ratio, "overhead_pct": 100.0 * (ratio - 1.0),
+            "images_per_s": {k: 1e3 * batch / s["median"] for k, s in summary.items()},
+        }
+    result["config"] = {"threads": torch.get_num_threads(), "steps_per_block": steps, "batch_override": batch_override,
+                        "repeats": args.repeats,
+                        "warmup": args.warmup, "num_samples": args.num_samples, "configs": list(per_config)}
+    result["figure"] = ("median step time (ms) of each block, median/min/max over blocks; "
+                        "overhead_pct = 100 * (secu / plain - 1)")
+    result["baseline"] = BASELINE
+    result["configs"] = per_config
+    result["load"] = load.finish()
+    rows = []
+    for name, data in per_config.items():
+        s, p = data["step_ms"]["secu"], data["step_ms"]["plain"]
+        rows.append([name, len(data["heads"]), data["batch"], s["median"], f"{s['min']:.4g}-{s['max']:.4g}",
+                     p["median"], f"{p['min']:.4g}-{p['max']:.4g}", data["ratio_secu_to_plain"],
+                     data["overhead_pct"]])
+    under = " (UNDER LOAD)" if result["load"]["under_load"] else ""
+    print_table(["config", "heads", "batch", "secu ms", "secu range", "plain ms", "plain range", "ratio",
+                 "overhead %"], rows, title=f"{NAME}: {torch.get_num_threads()} torch threads{under}")
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

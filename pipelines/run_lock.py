@@ -1,0 +1,177 @@
+"""A lock object on storage that at most one holder creates: ``create-if-absent`` with owner and expiry.
+
+Used by reclustering (``runs/<base>/_recluster.lock``) so that two schedules firing at once, or a
+manual run during a scheduled one, cannot work on the same series.
+
+Atomic creation:
+
+- local root: the content is written to a temporary file that is then hard-linked to the lock path
+  (``os.link`` fails when the path exists), so the lock appears whole or not at all;
+- S3: a conditional PUT (``If-None-Match: *``, through s3fs' exclusive mode ``"xb"``); S3, MinIO and
+  moto refuse it with 412 when the object exists. The content is read back afterwards, so an endpoint
+  that ignores the condition is caught in all but a few-millisecond window.
+
+A lock whose ``expires`` time has passed belongs to a holder that died without releasing it: the next
+acquirer deletes it (logged) and creates its own. Taking over an expired lock is not atomic (two
+acquirers that both find the same expired lock can both delete it); the expiry is chosen far longer
+than a run, so that only happens after a crash. ``release`` deletes the lock only when it still holds
+this owner's id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipelines.storage import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LockHeldError(RuntimeError):
+    """The lock exists and has not expired: another holder works on the same thing."""
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """The content of a lock object."""
+
+    owner: str
+    """Unique id of the holder (host, process id and a random suffix)."""
+    purpose: str
+    """What the holder does (e.g. the run id of a reclustering tick)."""
+    created: float
+    """Unix time of creation."""
+    expires: float
+    """Unix time after which the lock counts as abandoned."""
+
+    def describe(self) -> str:
+        """Human-readable holder and times (for error messages)."""
+        def iso(t: float) -> str:
+            return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        return f"owner {self.owner}, {self.purpose}, since {iso(self.created)}, expires {iso(self.expires)}"
+
+    def to_bytes(self) -> bytes:
+        """JSON encoding stored in the lock object."""
+        return (json.dumps(asdict(self)) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LockInfo | None:
+        """Parse a lock object; None when it is not a lock written by this module."""
+        try:
+            raw: dict[str, Any] = json.loads(data.decode("utf-8"))
+            return cls(str(raw["owner"]), str(raw["purpose"]), float(raw["created"]), float(raw["expires"]))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def new_owner_id() -> str:
+    """``host:pid:random``, unique per acquisition."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class StorageLock:
+    """``with StorageLock(storage, rel, ttl_s=..., purpose=...):`` holds the lock object at ``rel``."""
+
+    def __init__(self, storage: StorageConfig, rel: str, *, ttl_s: float, purpose: str) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"lock ttl_s={ttl_s} must be positive")
+        self.storage, self.rel, self.ttl_s, self.purpose = storage, rel, float(ttl_s), purpose
+        self.info: LockInfo | None = None
+
+    @property
+    def uri(self) -> str:
+        """Where the lock object lives."""
+        return self.storage.uri(self.rel)
+
+    def _create(self, data: bytes) -> bool:
+        """Create the lock object with ``data`` unless it exists; True when this call created it."""
+        if self.storage.is_s3:
+            fs = self.storage.fsspec()
+            try:
+                with fs.open(self.storage.path(self.rel), "xb") as handle:
+                    handle.write(data)
+            except FileExistsError:
+                return False
+            return True
+        path = self.storage.path(self.rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)  # atomic, and fails if the lock exists
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def read(self) -> LockInfo | None:
+        """The current lock's content; None when there is no lock (or it is unreadable)."""
+        try:
+            return LockInfo.from_bytes(self.storage.read_bytes(self.rel))
+        except FileNotFoundError:
+            return None
+
+    def acquire(self) -> LockInfo:
+        """Create the lock, taking over an expired one.
+
+        Raises:
+            LockHeldError: A live lock exists (the message names the holder, the expiry and the fix).
+        """
+        for _ in range(3):
+            now = time.time()
+            info = LockInfo(new_owner_id(), self.purpose, now, now + self.ttl_s)
+            if self._create(info.to_bytes()):
+                if self.read() != info:  # an endpoint that ignored the condition; the other writer won
+                    break
+                self.info = info
+                logger.info("acquired lock %s (%s)", self.uri, self.purpose)
+                return info
+            holder = self.read()
+            if holder is None and self.storage.exists(self.rel):
+                raise LockHeldError(f"lock {self.uri} exists but is not a readable lock: delete it if no run "
+                                    "is active, then retry")
+            if holder is not None and holder.expires > time.time():
+                raise LockHeldError(
+                    f"another run holds lock {self.uri} ({holder.describe()}): wait for it to finish; if that "
+                    "holder is gone, delete the lock object and retry"
+                )
+            if holder is not None:
+                logger.warning("lock %s expired (%s): taking it over", self.uri, holder.describe())
+                self.storage.delete(self.rel)
+        holder = self.read()
+        raise LockHeldError(f"could not acquire lock {self.uri} (held by {holder.describe() if holder else '?'}); "
+                            "another run is starting at the same time: retry later")
+
+    def release(self) -> None:
+        """Delete the lock if this holder still owns it (never someone else's)."""
+        if self.info is None:
+            return
+        current = self.read()
+        if current is not None and current.owner == self.info.owner:
+            self.storage.delete(self.rel)
+            logger.info("released lock %s", self.uri)
+        else:
+            logger.warning("lock %s is no longer ours (now %s): not deleting it", self.uri,
+                           current.describe() if current else "absent")
+        self.info = None
+
+    def __enter__(self) -> StorageLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

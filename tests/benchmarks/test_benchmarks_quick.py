@@ -1,0 +1,132 @@
+"""Smoke test of the benchmark scripts: each runs in ``--quick`` mode as a user would run it and writes a
+complete JSON result. The figures themselves are not checked (claims live in the benchmarks, not in
+timed tests); only that they are there, numeric and finite.
+
+The two scripts that run whole trainings (``scaling``, ``quality``) take minutes even in quick mode on
+2 cores and are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON_KEYS = ("benchmark", "date", "command", "quick", "machine", "device", "versions", "config", "load",
+               "figure", "baseline")
+
+
+def run_quick(name: str, tmp_path: Path) -> dict[str, Any]:
+    """``python -m benchmarks.<name> --quick --out <tmp>``; returns the JSON it wrote."""
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert out.is_file(), f"{name} wrote no JSON file"
+    data: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    check_common(data, name)
+    return data
+
+
+def numbers(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of a JSON value with its path."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from numbers(value, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def medians(obj: Any) -> list[Any]:
+    """Values of every ``median`` key."""
+    return [value for path, value in numbers(obj) if path.endswith(".median")]
+
+
+def check_common(data: dict[str, Any], name: str) -> None:
+    missing = [k for k in COMMON_KEYS if k not in data]
+    assert not missing, f"{name}: keys missing {missing}"
+    assert data["benchmark"] == name and data["quick"] is True
+    for key in ("cpu_model", "cores_logical", "ram_gib"):
+        assert data["machine"][key], f"machine.{key} empty"
+    assert data["device"]["device"] in ("cpu", "cuda")
+    for key in ("python", "torch", "ray", "pyarrow"):
+        assert data["versions"][key] not in ("", "absent"), f"versions.{key}"
+    assert isinstance(data["load"]["under_load"], bool)
+    for path, value in numbers(data):
+        if isinstance(value, float):
+            assert math.isfinite(value), f"{name}{path} = {value}"
+    found = medians(data)
+    assert found, f"{name}: no medians in the result"
+    assert all(isinstance(v, int | float) and math.isfinite(v) for v in found), f"{name}: a median is not a number"
+
+
+def test_train_step_quick(tmp_path: Path) -> None:
+    data = run_quick("train_step", tmp_path)
+    assert set(data["configs"]) == {"fashion-mnist-cpu", "cifar-smallcnn"}
+    for cfg in data["configs"].values():
+        assert set(cfg["step_ms"]) == {"secu", "plain"}
+        assert math.isfinite(cfg["overhead_pct"]) and cfg["ratio_secu_to_plain"] > 0
+        assert len([r for r in cfg["raw"]["secu"] if not r["warmup"]]) >= 3
+
+
+@pytest.mark.ray
+def test_coordinator_quick(tmp_path: Path) -> None:
+    data = run_quick("coordinator", tmp_path)
+    (measured,) = data["measured"].values()
+    assert set(measured["steps"]) == {"W1", "W2", "W4"}
+    for entry in measured["steps"].values():
+        assert set(entry["per_step_ms"]) == {"actor", "local"}
+    assert measured["memory"]["bytes_per_instance_per_head"] > 0
+    assert measured["update"]["rows_per_s"]["actor"]["median"] > 0
+    sizes = data["extrapolated"]["sizes"]
+    assert {v["num_samples"] for v in sizes.values()} == {100_000_000, 1_000_000_000}
+    assert all(v["shards_needed"] >= 1 for v in sizes.values())
+
+
+@pytest.mark.ray
+def test_data_pipeline_quick(tmp_path: Path) -> None:
+    data = run_quick("data_pipeline", tmp_path)
+    assert set(data["kinds"]) == {"fashion_mnist_png", "synthetic_jpeg"}
+    for kind in data["kinds"].values():
+        assert set(kind["images_per_s"]) == {"ray_data", "wds_dataloader", "pool_decode_augment", "pool_raw_pil"}
+        assert kind["ratio_to_wds_dataloader"]["wds_dataloader"] == pytest.approx(1.0)
+        # every variant saw every image in every round
+        assert all(r["images"] == kind["images"] for runs in kind["raw"].values() for r in runs)
+
+
+@pytest.mark.ray
+def test_inference_quick(tmp_path: Path) -> None:
+    data = run_quick("inference", tmp_path)
+    assert set(data["images_per_s"]) == {"ray_data", "plain_loop"}
+    assert data["checks"]["same_schema"] is True
+    assert data["checks"]["rows_ours"] == data["checks"]["rows_plain"] == data["config"]["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_scaling_quick(tmp_path: Path) -> None:
+    data = run_quick("scaling", tmp_path)
+    assert set(data["scaling"]) == {"W1", "W2"}
+    assert data["scaling"]["W1"]["efficiency"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_quality_quick(tmp_path: Path) -> None:
+    data = run_quick("quality", tmp_path)
+    for key in ("kmeans/test/acc", "kmeans/all/acc", "secu/test/h0/acc", "secu/all/h0/nmi", "secu/train_s"):
+        assert key in data["summary"], key
+    assert data["raw"][0]["secu"]["epochs"] == 1

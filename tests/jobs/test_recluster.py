@@ -1,0 +1,163 @@
+"""``python -m jobs.recluster``: two ticks over a growing folder of pattern images (2 workers at 0.5 CPU).
+
+Tick t1 ingests 192 images and trains 8 epochs from scratch; 64 new images arrive; tick t2 ingests only
+those, trains 3 epochs warm-started from t1, aligns its cluster ids to t1's and writes the drift summary.
+Then a third tick is refused while another holder has the series lock, and a completed tick id is refused.
+
+Thresholds: the pattern images fall into 3 visibly different classes and head 0 has K = 3 balanced
+clusters, so two unrelated labelings agree on about 1/3 of the images (less if the ids are permuted).
+Requiring >= 80 % agreement for old images is far above that chance level, and below the ~95-100 %
+measured on this machine, so that an unlucky augmentation draw does not fail the test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs import recluster as recluster_job
+from pipelines.assignments import read_assignments
+from pipelines.checkpoint_lookup import checkpoint_at, list_checkpoints, load_checkpoint
+from pipelines.checkpointing import build_network, load_coordinator_state, load_training_state
+from pipelines.dataset_info import load_dataset_info, read_manifest
+from pipelines.run_lock import StorageLock
+from pipelines.storage import StorageConfig
+from pipelines.warm_start import previous_labels
+from tests.pipelines.run_builders import CLASS_NAMES, pattern_images
+
+pytestmark = pytest.mark.ray
+
+TINY = ["--set", "optim.batch_size=32", "--set", "model.cnn_width=8", "--set", "secu.ks=[3,6]",
+        "--set", "compute.num_workers=2", "--set", "compute.cpus_per_worker=0.5", "--set", "compute.torch_threads=1",
+        "--set", "compute.log_every=1000", "--set", "compute.num_to_keep=3",
+        "--set", "inference.cpus_per_actor=0.5", "--set", "inference.concurrency=1", "--set", "recluster.shard_size=64"]
+AGREEMENT = 0.8
+
+
+def write_images(folder: Path, start: int, n: int, seed: int) -> None:
+    """``n`` pattern PNGs named by a running number, in one sub-folder per class."""
+    images, labels = pattern_images(n, seed)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        target = folder / CLASS_NAMES[int(label)] / f"img-{start + i:05d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(target)
+
+
+def params(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All float parameters (not BatchNorm statistics) as one vector."""
+    return torch.cat([v.flatten().double() for k, v in sorted(state.items())
+                      if v.is_floating_point() and "running" not in k])
+
+
+@pytest.fixture(scope="module")
+def ticks(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple[StorageConfig, Path, list[str]]:
+    root = tmp_path_factory.mktemp("recluster")
+    storage, source = StorageConfig(str(root / "store")), root / "incoming"
+    write_images(source, 0, 192, seed=0)
+    common = ["--storage", storage.root, "--run-id", "lake", "--source", str(source), *TINY]
+    assert recluster_job.main([*common, "--tick", "t1", "--epochs", "8"]) == 0
+    sources_t1 = read_manifest(storage, load_dataset_info(storage, "lake"))["source"].to_pylist()
+    write_images(source, 192, 64, seed=1)
+    assert recluster_job.main([*common, "--tick", "t2", "--epochs", "3"]) == 0
+    return storage, source, sources_t1
+
+
+def test_second_tick_ingests_only_the_new_images(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+    storage, _, sources_t1 = ticks
+    info = load_dataset_info(storage, "lake")
+    manifest = read_manifest(storage, info)
+    ids = dict(zip(manifest["source"].to_pylist(), manifest["sample_index"].to_pylist(), strict=True))
+    assert info.num_samples == 256 and len(ids) == 256
+    assert [ids[s] for s in sources_t1] == list(range(192))  # old images keep their ids
+    new = sorted(i for s, i in ids.items() if s not in set(sources_t1))
+    assert new == list(range(192, 256))
+    assert [i["added"] for i in info.ingests] == [192, 64]
+    series = json.loads(storage.read_bytes("runs/lake/recluster.json"))
+    assert [(t["run_id"], t["status"], t["new_images"]) for t in series["ticks"]] == [
+        ("lake-t1", "completed", 192), ("lake-t2", "completed", 64)]
+
+
+def test_second_tick_starts_from_the_first(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+    storage = ticks[0]
+    record = json.loads(storage.read_bytes("runs/lake-t2/warm_start.json"))
+    assert record["source"] == storage.uri("runs/lake-t1/checkpoint-aligned")
+    assert (record["previous_num_samples"], record["new_samples"]) == (192, 64)
+    assert not storage.exists("runs/lake-t1/warm_start.json")
+    # t2's first Ray Train checkpoint holds its labels and weights after epoch 0 (before the alignment).
+    epoch0 = list_checkpoints(storage, "lake-t2")[0]
+    assert epoch0.epoch == 0
+    t1 = storage.path("runs/lake-t1/checkpoint-aligned")
+    labels_t1 = previous_labels(load_coordinator_state(t1))
+    labels_t2 = previous_labels(load_coordinator_state(epoch0.location.root))
+    agreement = float((labels_t2[0, :192] == labels_t1[0]).mean())  # raw ids, no matching
+    assert agreement >= AGREEMENT, agreement
+    # One epoch after a warm start the weights lie much closer to t1's than to a fresh network's.
+    theta2 = params(load_training_state(epoch0.location.root).network)
+    theta1 = params(load_training_state(t1).network)
+    theta0 = params(build_network(load_checkpoint(checkpoint_at(t1, storage)).job.experiment).state_dict())
+    to_t1, to_init = float(torch.linalg.norm(theta2 - theta1)), float(torch.linalg.norm(theta2 - theta0))
+    print(f"warm start: raw label agreement {agreement:.3f}; |t2 - t1| = {to_t1:.3f}, |t2 - fresh| = {to_init:.3f}")
+    assert to_t1 < 0.5 * to_init
+
+
+def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+    storage = ticks[0]
+    t1 = read_assignments(storage, "lake-t1", columns=["sample_index", "cluster_h0", "checkpoint"]).to_pandas()
+    t2 = read_assignments(storage, "lake-t2", columns=["sample_index", "cluster_h0", "checkpoint"]).to_pandas()
+    assert len(t1) == 192 and len(t2) == 256 and t2["sample_index"].is_unique
+    assert set(t2["checkpoint"]) == {storage.uri("runs/lake-t2/checkpoint-aligned")}
+    both = t1.merge(t2, on="sample_index", suffixes=("_t1", "_t2"))
+    agreement = float((both["cluster_h0_t1"] == both["cluster_h0_t2"]).mean())
+    print(f"published head-0 agreement t1 -> t2 on the 192 old images: {agreement:.3f}")
+    assert agreement >= AGREEMENT, agreement
+
+    drift = json.loads(storage.read_bytes("runs/lake-t2/drift.json"))
+    assert drift["previous_run_id"] == "lake-t1" and drift["source"] == "assignments"
+    assert drift["images"] == {"previous": 192, "current": 256, "common": 192, "only_current": 64,
+                               "only_previous": 0}
+    head0 = drift["heads"][0]
+    assert {"changed_frac", "appeared", "vanished", "size_tv", "largest_changes", "sizes_before", "sizes_now",
+            "match"} <= set(head0)
+    assert head0["changed_frac"] == pytest.approx(1 - agreement)
+    assert sum(head0["sizes_now"]) == 256 and sum(head0["sizes_before"]) == 192
+    assert [len(a["mapping"]) for a in drift["alignment"]] == [3, 6]
+    metrics = json.loads(storage.read_bytes("runs/lake-t2/metrics.json"))
+    assert metrics["metrics"]["drift/h0/changed_frac"] == pytest.approx(head0["changed_frac"])
+    assert metrics["drift"]["previous_run_id"] == "lake-t1"
+    first = json.loads(storage.read_bytes("runs/lake-t1/drift.json"))
+    assert first["previous_run_id"] is None and "first tick" in first["note"]
+    index = Path(storage.path("runs/lake-t2/report/index.html")).read_text()
+    assert "Drift since the previous reclustering tick" in index and "lake-t1" in index
+
+
+def test_concurrent_tick_is_refused_by_the_lock(ticks: tuple[StorageConfig, Path, list[str]],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    storage, source, _ = ticks
+    args = ["--storage", storage.root, "--run-id", "lake", "--source", str(source), *TINY, "--epochs", "1"]
+    with StorageLock(storage, "runs/lake/_recluster.lock", ttl_s=600, purpose="reclustering tick lake-other"):
+        with caplog.at_level(logging.ERROR):
+            assert recluster_job.main([*args, "--tick", "t3"]) == recluster_job.EXIT_LOCKED
+    assert "reclustering tick lake-other" in caplog.text and "_recluster.lock" in caplog.text
+    assert not storage.exists("runs/lake-t3")
+    series = json.loads(storage.read_bytes("runs/lake/recluster.json"))
+    assert [t["tick"] for t in series["ticks"]] == ["t1", "t2"]
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert recluster_job.main([*args, "--tick", "t2"]) == 2  # a completed tick is never redone
+    assert "tick 't2' of series 'lake' completed" in caplog.text
+    assert not storage.exists("runs/lake/_recluster.lock")
+
+
+def test_cronjob_entrypoint_parses() -> None:
+    """The KubeRay CronJob's command line (cluster_configs/kuberay/cronjob-recluster.yaml) is valid."""
+    args = recluster_job.build_parser().parse_args(
+        "--storage s3://YOUR-BUCKET/secu --run-id lake-recluster --source s3://YOUR-BUCKET/incoming/".split())
+    template, options, _ = recluster_job.resolve(args)
+    assert template.dataset == "lake-recluster" and options.epochs == 2 and options.infer_scope == "all"
+    assert np.isclose(options.lock_ttl_hours, 12.0)

@@ -1,0 +1,72 @@
+"""The storage lock: one winner among racing acquirers (local disk and S3 conditional put), expiry, release."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.run_lock import LockHeldError, LockInfo, StorageLock
+from pipelines.storage import StorageConfig
+
+
+def race(storage: StorageConfig, contenders: int = 8) -> tuple[int, list[str]]:
+    """Start ``contenders`` threads acquiring the same lock at once; (winners, refusal messages)."""
+    barrier = threading.Barrier(contenders)
+    winners, refusals = [], []
+
+    def attempt(i: int) -> None:
+        lock = StorageLock(storage, "runs/base/_recluster.lock", ttl_s=60, purpose=f"contender {i}")
+        barrier.wait()
+        try:
+            lock.acquire()
+            winners.append(i)
+        except LockHeldError as err:
+            refusals.append(str(err))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(winners), refusals
+
+
+def test_exactly_one_local_acquirer_wins(tmp_path: Path) -> None:
+    storage = StorageConfig(str(tmp_path))
+    won, refusals = race(storage)
+    assert won == 1 and len(refusals) == 7
+    assert all("holds lock" in r and "_recluster.lock" in r and "delete the lock" in r for r in refusals)
+    assert [p.name for p in (tmp_path / "runs" / "base").iterdir()] == ["_recluster.lock"]  # no temp files left
+
+
+def test_exactly_one_s3_acquirer_wins(moto_endpoint: str, s3_bucket: str) -> None:
+    storage = StorageConfig(f"s3://{s3_bucket}/secu", s3_endpoint=moto_endpoint)
+    won, refusals = race(storage, contenders=4)
+    assert won == 1 and len(refusals) == 3
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_expired_lock_is_taken_over_and_release_spares_other_owners(
+        tmp_path: Path, where: str, moto_endpoint: str, s3_bucket: str) -> None:
+    storage = (StorageConfig(str(tmp_path)) if where == "local"
+               else StorageConfig(f"s3://{s3_bucket}/p", s3_endpoint=moto_endpoint))
+    rel = "runs/b/_recluster.lock"
+    dead = LockInfo("crashed-host:1:abc", "tick x", time.time() - 100, time.time() - 1)
+    storage.write_bytes_atomic(rel, dead.to_bytes())
+    lock = StorageLock(storage, rel, ttl_s=30, purpose="tick y")
+    info = lock.acquire()
+    assert LockInfo.from_bytes(storage.read_bytes(rel)) == info and info.purpose == "tick y"
+    with pytest.raises(LockHeldError, match="tick y"):
+        StorageLock(storage, rel, ttl_s=30, purpose="tick z").acquire()
+    # Someone else took the lock over (e.g. after our expiry): our release must leave theirs alone.
+    other = LockInfo("other:2:def", "tick z", time.time(), time.time() + 30)
+    storage.write_bytes_atomic(rel, other.to_bytes())
+    lock.release()
+    assert LockInfo.from_bytes(storage.read_bytes(rel)) == other
+    storage.delete(rel)
+    with StorageLock(storage, rel, ttl_s=30, purpose="tick w"):
+        assert storage.exists(rel)
+    assert not storage.exists(rel)
