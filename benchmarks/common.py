@@ -156,6 +156,54 @@ class LoadProbe:
 # Measuring
 # ---------------------------------------------------------------------------------------------
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def tree_cpu_seconds(root: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system, reaped children included) of process ``root`` (default: this one) and
+    all its live descendants, by pid.
+
+    Read from /proc. A local Ray started by this process (GCS, raylet, its workers), DataLoader workers
+    and pool processes are all descendants, so the difference of two readings is the CPU a variant
+    consumed, daemons included, whatever else runs on the machine: a figure that load barely moves.
+    Returns an empty dict where /proc is unavailable.
+    """
+    root = os.getpid() if root is None else root
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        # fields[0] is the state (field 3 of stat); ppid is field 4, utime/stime fields 14/15, and
+        # cutime/cstime (16/17) hold the CPU of children that ended and were reaped.
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = sum(int(v) for v in fields[11:15]) / _TICKS
+    tree, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return {pid: cpu[pid] for pid in tree if pid in cpu}
+
+
+def cpu_used(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU seconds used between two ``tree_cpu_seconds`` readings (new processes count whole)."""
+    return sum(max(0.0, value - before.get(pid, 0.0)) for pid, value in after.items())
+
+
 
 class Stopwatch:
     """``with Stopwatch() as sw: ...; sw.seconds``."""
@@ -202,7 +250,8 @@ def alternate(variants: Mapping[str, Callable[[], Figures]], repeats: int, warmu
     """Run every variant once per round, ``warmup`` rounds unrecorded then ``repeats`` measured ones.
 
     The order is reversed every other round (A B C, C B A, A B C, ...). Each call's figures get a
-    ``warmup`` flag (1.0 for warm-up rounds) and its ``round``.
+    ``warmup`` flag (1.0 for warm-up rounds), its ``round``, and ``tree_cpu_s``: the CPU seconds this
+    process and its descendants (a local Ray included) used during the call (``tree_cpu_seconds``).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
@@ -210,7 +259,9 @@ def alternate(variants: Mapping[str, Callable[[], Figures]], repeats: int, warmu
     rounds = Rounds({name: [] for name in names})
     for rnd in range(warmup + repeats):
         for name in names if rnd % 2 == 0 else reversed(names):
+            cpu_before = tree_cpu_seconds()
             figures = dict(variants[name]())
+            figures["tree_cpu_s"] = cpu_used(cpu_before, tree_cpu_seconds())
             figures["warmup"] = float(rnd < warmup)
             figures["round"] = float(rnd)
             rounds.raw[name].append(figures)

@@ -83,27 +83,34 @@ def test_second_tick_ingests_only_the_new_images(ticks: tuple[StorageConfig, Pat
         ("lake-t1", "completed", 192), ("lake-t2", "completed", 64)]
 
 
+def history(storage: StorageConfig, run_id: str) -> list[dict[str, float]]:
+    rows: list[dict[str, float]] = json.loads(storage.read_bytes(f"runs/{run_id}/train_history.json"))["epochs"]
+    return rows
+
+
 def test_second_tick_starts_from_the_first(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
     storage = ticks[0]
     record = json.loads(storage.read_bytes("runs/lake-t2/warm_start.json"))
     assert record["source"] == storage.uri("runs/lake-t1/checkpoint-aligned")
     assert (record["previous_num_samples"], record["new_samples"]) == (192, 64)
     assert not storage.exists("runs/lake-t1/warm_start.json")
-    # t2's first Ray Train checkpoint holds its labels and weights after epoch 0 (before the alignment).
+    # Network: after its epoch 0, t2's weights lie next to t1's final weights and far from a fresh network's
+    # (measured: about 1 vs 80; a run from scratch would be about 80 vs 1).
     epoch0 = list_checkpoints(storage, "lake-t2")[0]
     assert epoch0.epoch == 0
     t1 = storage.path("runs/lake-t1/checkpoint-aligned")
-    labels_t1 = previous_labels(load_coordinator_state(t1))
-    labels_t2 = previous_labels(load_coordinator_state(epoch0.location.root))
-    agreement = float((labels_t2[0, :192] == labels_t1[0]).mean())  # raw ids, no matching
-    assert agreement >= AGREEMENT, agreement
-    # One epoch after a warm start the weights lie much closer to t1's than to a fresh network's.
     theta2 = params(load_training_state(epoch0.location.root).network)
     theta1 = params(load_training_state(t1).network)
     theta0 = params(build_network(load_checkpoint(checkpoint_at(t1, storage)).job.experiment).state_dict())
     to_t1, to_init = float(torch.linalg.norm(theta2 - theta1)), float(torch.linalg.norm(theta2 - theta0))
-    print(f"warm start: raw label agreement {agreement:.3f}; |t2 - t1| = {to_t1:.3f}, |t2 - fresh| = {to_init:.3f}")
-    assert to_t1 < 0.5 * to_init
+    print(f"warm start: |t2 - t1| = {to_t1:.3f}, |t2 - fresh| = {to_init:.3f}")
+    assert to_t1 < 0.1 * to_init
+    # Memory: the coordinator counts, in epoch 0, how many images with a stored label changed it. A fresh
+    # run has no stored label then (t1: exactly 0); t2's old images carry t1's labels, so some change.
+    assert history(storage, "lake-t1")[0]["clusters/h1/changed_frac"] == 0.0
+    assert history(storage, "lake-t2")[0]["clusters/h1/changed_frac"] > 0.0
+    labels_t2 = previous_labels(load_coordinator_state(epoch0.location.root))
+    assert (labels_t2 >= 0).all()  # every image was labelled in epoch 0, the new ones included
 
 
 def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
