@@ -199,8 +199,6 @@ def run_recluster(storage: StorageConfig, template: TrainJobConfig, base: str, *
     run_id = f"{base}-{tick}"
     job = tick_job(template, run_id, options.epochs)  # validates the run id
     storage.check_reachable()
-    if not ray.is_initialized():
-        ray.init()  # inside `ray job submit` this connects to the cluster; alone it starts a local Ray
     lock = StorageLock(storage, join("runs", base, LOCK_FILE), ttl_s=options.lock_ttl_hours * 3600,
                        purpose=f"reclustering tick {run_id}")
     with lock:
@@ -218,6 +216,8 @@ def run_recluster(storage: StorageConfig, template: TrainJobConfig, base: str, *
         entry.pop("error", None)
         save_series(storage, base, series)
         try:
+            if not ray.is_initialized():
+                ray.init()  # inside `ray job submit` this connects to the cluster; alone it starts a local Ray
             result = _tick(storage, job, base, tick, previous, source, options, inference)
         except BaseException as err:
             entry.update(status="failed", finished=_now_iso(), error=f"{type(err).__name__}: {err}"[:1000])
@@ -227,8 +227,8 @@ def run_recluster(storage: StorageConfig, template: TrainJobConfig, base: str, *
                 logger.exception("could not record the failure of tick %s", run_id)
             raise
         entry.update(status="completed", finished=_now_iso(), num_samples=result.num_samples,
-                     new_images=result.new_images, checkpoint=result.checkpoint, warm_start_from=result.warm_start_from,
-                     drift=drift_metrics(result.drift) if result.drift else {})
+                     new_images=result.new_images, checkpoint=join("runs", run_id, ALIGNED_DIR),
+                     warm_start_from=result.warm_start_from, drift=drift_metrics(result.drift) if result.drift else {})
         save_series(storage, base, series)
     return result
 
@@ -252,7 +252,9 @@ def _tick(storage: StorageConfig, job: TrainJobConfig, base: str, tick: str, pre
                        source_spec=source, split=options.split).added
     info = load_dataset_info(storage, job.dataset)
     prev_num = int(previous["num_samples"]) if previous else 0
-    warm_from = previous["checkpoint"] if previous and options.warm_start else None
+    # The series records checkpoints relative to the storage root (it stays valid if the root moves).
+    prev_checkpoint = storage.uri(previous["checkpoint"]) if previous else None
+    warm_from = prev_checkpoint if options.warm_start else None
     logger.info("reclustering tick %s of series %s: dataset %s has %d images (%d added now, %d new since %s)", tick,
                 base, job.dataset, info.num_samples, added, info.num_samples - prev_num,
                 previous["run_id"] if previous else "the start")
@@ -262,7 +264,8 @@ def _tick(storage: StorageConfig, job: TrainJobConfig, base: str, tick: str, pre
     model, coordinator, meta = read_checkpoint(find_latest_checkpoint(storage, run_id))
     prev_model, prev_coordinator = None, None
     if previous is not None:
-        prev_model, prev_coordinator, _ = read_checkpoint(checkpoint_at(previous["checkpoint"], storage))
+        assert prev_checkpoint is not None
+        prev_model, prev_coordinator, _ = read_checkpoint(checkpoint_at(prev_checkpoint, storage))
     ks = list(job.experiment.secu.ks)
     alignments = align_heads(prev_model["network"] if prev_model else None, model["network"], ks)
     model, coordinator = aligned_payload(model, coordinator, alignments)

@@ -142,7 +142,7 @@ def _own_pids(temp_root: str) -> list[int]:
     return pids
 
 
-def stop_head(head: Head, grace_s: float = 30.0) -> None:
+def stop_head(head: Head, grace_s: float = 5.0) -> None:
     """End the head's process group, then any leftover process of this head; remove its temp dir."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.proc.pid, signal.SIGTERM)  # `ray start --block` shuts its node down on SIGTERM

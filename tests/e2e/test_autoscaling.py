@@ -61,8 +61,8 @@ def test_training_that_needs_more_cpus_than_the_head_gets_nodes(tmp_path: Path) 
         train = subprocess.run(
             [sys.executable, "-m", "jobs.train", "--recipe", "fashion-mnist-cpu", "--dataset", "patterns",
              "--run-id", "scale", "--storage", storage.root, "--num-workers", "2",
-             "--set", "compute.cpus_per_worker=1", "--set", "compute.torch_threads=1", "--set", "optim.epochs=1",
-             "--set", "optim.warmup_epochs=1", "--set", "optim.batch_size=32", "--set", "model.cnn_width=8",
+             "--set", "compute.cpus_per_worker=1", "--set", "compute.torch_threads=1", "--set", "optim.warmup_epochs=1",
+             "--set", "optim.epochs=1", "--set", "optim.batch_size=32", "--set", "model.cnn_width=8",
              "--set", "secu.ks=[3,6]"],
             env=head.env | {"RAY_ADDRESS": head.gcs_address, "PYTHONPATH": str(REPO)}, cwd=REPO,
             capture_output=True, text=True, timeout=540)

@@ -1,4 +1,4 @@
-"""End to end through ``ray job submit`` against a local head: ingest, train, infer, evaluate on S3 (moto).
+"""End to end through ``ray job submit`` against a local head: ingest, train, infer, evaluate, report on S3 (moto).
 
 The head is started by the test (``ray start --head``, free ports, its own temp dir, auth disabled) without
 AWS credentials in its environment: the jobs get the fake credentials only through the job's runtime env
@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.job_submission import JobSubmissionClient
 
-from pipelines.assignments import published_files, read_marker
+from pipelines.assignments import published_files, read_assignments, read_marker
 from pipelines.storage import StorageConfig
 from tests.e2e.ray_head import REPO, Head, ray_cli, start_head, stop_head
 from tests.fixtures import write_idx_dataset
@@ -102,6 +101,7 @@ def test_ingest_train_infer_evaluate_through_job_submit(head: Head, moto_endpoin
                    *store]),
         ("infer", ["jobs.infer", "--run-id", "e2e", "--set", "cpus_per_actor=0.5", "--set", "concurrency=1", *store]),
         ("evaluate", ["jobs.evaluate", "--run-id", "e2e", *store]),
+        ("report", ["jobs.report", "--run-id", "e2e", "--set", "top=2", "--set", "random=1", *store]),
     ]
     for name, entrypoint in steps:
         run = submit(head, name, *entrypoint)
@@ -110,16 +110,15 @@ def test_ingest_train_infer_evaluate_through_job_submit(head: Head, moto_endpoin
     storage = StorageConfig(f"s3://{bucket}/secu", s3_endpoint=moto_endpoint)
     marker = read_marker(storage, "e2e")
     assert marker["rows"] == 128 and marker["dataset"] == "fm"
-    rows = 0
-    for name in published_files(storage, "e2e"):
-        with storage.filesystem.open_input_file(storage.path("runs/e2e/assignments", name)) as handle:
-            table = pq.read_table(handle)
-        rows += table.num_rows
-        assert {"sample_index", "cluster_h0", "cluster_h1", "confidence_h0", "run_id"} <= set(table.column_names)
-    assert rows == 128
+    files = published_files(storage, "e2e")
+    assert files and all(f.startswith(f"s3://{bucket}/secu/runs/e2e/assignments/part-") for f in files), files
+    table = read_assignments(storage, "e2e")
+    assert table.num_rows == 128 and sorted(table["sample_index"].to_pylist()) == list(range(128))
+    assert {"sample_index", "cluster_h0", "cluster_h1", "confidence_h0", "run_id"} <= set(table.column_names)
     metrics = json.loads(storage.read_bytes("runs/e2e/metrics.json"))
     assert metrics["protocol"]["rows"] == 128 and "eval/h0/acc" in metrics["metrics"]
     assert storage.exists("runs/e2e/checkpoints") and storage.exists("datasets/fm/dataset.json")
+    assert b"SeCu clusters of run e2e" in storage.read_bytes("runs/e2e/report/index.html")
 
 
 def test_bad_configuration_fails_fast_with_a_clear_message(head: Head, moto_endpoint: str, bucket: str) -> None:

@@ -134,6 +134,23 @@ def test_rerun_replaces_rows_and_other_datasets_get_their_own_output(
     assert read_marker(storage, RUN, "assignments-tiny-new")["train_dataset"] == "tiny"
 
 
+@pytest.mark.ray
+def test_inference_of_selected_shards_writes_only_their_rows(
+        published: InferenceResult, lake: tuple[StorageConfig, np.ndarray]) -> None:
+    """What reclustering's infer_scope=new uses: only the shards named (here the last of three)."""
+    storage, _ = lake
+    last = load_dataset_info(storage, "tiny").shards[-1]
+    with pytest.raises(ValueError, match="not committed shards"):
+        run_inference(storage, RUN, shards=["shard-000999.tar"], output_name="assignments-part")
+    result = run_inference(storage, RUN, shards=[last.name], output_name="assignments-part",
+                           options=InferenceOptions(batch_size=32))
+    ids = sorted(read_assignments(storage, RUN, "assignments-part")["sample_index"].to_pylist())
+    assert result.rows == last.count and ids == list(range(last.first_index, last.first_index + last.count))
+    marker = read_marker(storage, RUN, "assignments-part")
+    assert (marker["scope"], marker["shards"], marker["skipped"]["count"]) == ("shards", [last.name], 0)
+    assert read_marker(storage, RUN)["scope"] == "all"
+
+
 def ray_cluster_address() -> str:
     import ray
 
