@@ -11,6 +11,11 @@ small fraction of a training step; the encoder dominates.
 - ``plain``: the same encoder architecture and initial weights, the same views, a symmetric cosine
   loss between the two views' embeddings, -mean(z1 . z2), backward, optimizer step (same optimizer).
 
+- ``secu_heads_only``: SeCu's own machinery alone, the same step on fixed features in place of the
+  encoder's output (heads, constraint, both losses, backward into the features and centers, center
+  update, memory read/write): its time is the absolute cost SeCu adds, measurable even when the
+  difference of two noisy step times is not.
+
 Both include the uint8 -> float normalisation of the views. Blocks of ``--steps`` steps alternate
 (after a warm-up block each); a block's figure is its median step time; the table shows the median
 and spread over the blocks. Single process, no Ray, ``--threads`` torch threads (default 1: on a
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from benchmarks.common import (
     Figures,
@@ -116,6 +123,44 @@ class SeCuRunner:
         self.memory.write(b.ids[mask], result.labels_HB[:, mask])
 
 
+class _NormalizeOnly(nn.Module):
+    """Stands in for the encoder: the "views" are already features; returns them L2-normalised."""
+
+    def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return F.normalize(x_BD, dim=1), None
+
+
+class HeadsOnlyRunner:
+    """SeCu's own machinery without the encoder: the same step on fixed B x D features that need a
+    gradient (heads, constraint, losses, backward into features and centers, center update, memory)."""
+
+    def __init__(self, exp: ExperimentConfig, num_samples: int, batch: int) -> None:
+        self.exp = exp
+        self.net = SeCuNetwork(_NormalizeOnly(), exp.model.feat_dim, exp.secu.ks,
+                               generator=torch.Generator().manual_seed(exp.seed + 1))
+        self.opt = torch.optim.SGD(self.net.centers.parameters(), lr=exp.optim.clr, momentum=exp.optim.momentum,
+                                   weight_decay=exp.optim.weight_decay)
+        self.state = ClusterState.create(exp.secu.ks)
+        self.memory = LocalMemory(num_samples, exp.secu.num_heads)
+        gen = torch.Generator().manual_seed(1)
+        for h, k in enumerate(exp.secu.ks):
+            self.memory.labels_HN[h] = torch.randint(0, k, (num_samples,), generator=gen, dtype=torch.int32)
+        self.snapshot = self.net.centers.snapshot()
+        self.f1 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
+        self.f2 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
+
+    def step(self, b: Batch) -> None:
+        prev = self.memory.read(b.ids).long()
+        result = secu_step(self.net, self.f1, self.f2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
+        self.opt.zero_grad(set_to_none=True)
+        self.f1.grad, self.f2.grad = None, None
+        result.loss.backward()
+        self.opt.step()
+        self.state = result.state
+        mask = result.write_mask_B
+        self.memory.write(b.ids[mask], result.labels_HB[:, mask])
+
+
 class PlainRunner:
     """The baseline: the same encoder (same initial weights) with a symmetric cosine two-view loss."""
 
@@ -169,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         n_steps = args.resnet_steps if exp.model.backbone.startswith("resnet") else steps
         b = make_batch(exp, batch, args.num_samples)
         secu, plain = SeCuRunner(exp, args.num_samples), PlainRunner(exp)
+        heads_only = HeadsOnlyRunner(exp, args.num_samples, batch)
         print(f"\n{name}: {exp.model.backbone}, heads {list(exp.secu.ks)}, batch {batch}, "
               f"{exp.augment.channels}x{exp.augment.image_size}x{exp.augment.image_size}, {n_steps} steps per block")
         rounds = alternate({"secu": functools.partial(block, secu.step, b, n_steps),
-                            "plain": functools.partial(block, plain.step, b, n_steps)},
+                            "plain": functools.partial(block, plain.step, b, n_steps),
+                            "secu_heads_only": functools.partial(block, heads_only.step, b, n_steps)},
                            args.repeats, args.warmup)
         for runs in rounds.raw.values():
             for r in runs:
@@ -187,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ms_per_step": rounds.summary("cpu_ms_per_step"),
             "ratio_secu_to_plain": ratio, "overhead_pct": 100.0 * (ratio - 1.0),
             "overhead_pct_cpu": 100.0 * (ratios(rounds.summary("cpu_ms_per_step"), BASELINE)["secu"] - 1.0),
+            "heads_only_pct_of_plain": 100.0 * summary["secu_heads_only"]["median"] / summary[BASELINE]["median"],
             "images_per_s": {k: 1e3 * batch / s["median"] for k, s in summary.items()},
         }
     result["config"] = {"threads": torch.get_num_threads(), "steps_per_block": steps, "batch_override": batch_override,
                         "repeats": args.repeats,
                         "warmup": args.warmup, "num_samples": args.num_samples, "configs": list(per_config)}
     result["figure"] = ("median step time (ms) of each block, median/min/max over blocks; "
-                        "overhead_pct = 100 * (secu / plain - 1)")
+                        "overhead_pct = 100 * (secu / plain - 1); overhead_pct_cpu the same on CPU time; "
+                        "heads_only_pct_of_plain = 100 * secu_heads_only / plain")
     result["baseline"] = BASELINE
     result["configs"] = per_config
     result["load"] = load.finish()
@@ -202,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         s, p = data["step_ms"]["secu"], data["step_ms"]["plain"]
         rows.append([name, len(data["heads"]), data["batch"], s["median"], f"{s['min']:.4g}-{s['max']:.4g}",
                      p["median"], f"{p['min']:.4g}-{p['max']:.4g}", data["ratio_secu_to_plain"],
-                     data["overhead_pct"], data["overhead_pct_cpu"]])
+                     data["overhead_pct"], data["overhead_pct_cpu"], data["step_ms"]["secu_heads_only"]["median"],
+                     data["heads_only_pct_of_plain"]])
     under = " (UNDER LOAD)" if result["load"]["under_load"] else ""
     print_table(["config", "heads", "batch", "secu ms", "secu range", "plain ms", "plain range", "ratio",
-                 "overhead %", "overhead % (CPU time)"], rows,
+                 "overhead %", "overhead % (CPU time)", "heads-only ms", "heads-only % of plain"], rows,
                 title=f"{NAME}: {torch.get_num_threads()} torch threads{under}")
     write_result(args.out, result)
     return 0

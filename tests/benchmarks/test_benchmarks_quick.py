@@ -77,7 +77,7 @@ def test_train_step_quick(tmp_path: Path) -> None:
     data = run_quick("train_step", tmp_path)
     assert set(data["configs"]) == {"fashion-mnist-cpu", "cifar-smallcnn"}
     for cfg in data["configs"].values():
-        assert set(cfg["step_ms"]) == {"secu", "plain"}
+        assert set(cfg["step_ms"]) == {"secu", "plain", "secu_heads_only"}
         assert math.isfinite(cfg["overhead_pct"]) and cfg["ratio_secu_to_plain"] > 0
         assert len([r for r in cfg["raw"]["secu"] if not r["warmup"]]) >= 3
 
