@@ -5,14 +5,15 @@ two augmented views) delivers images about as fast as the loader a user would pi
 close to what plain processes achieve on the same cores.
 
 Variants, all on the same shards (written by our ingest into a temporary root), with W worker
-processes (``--workers``, default the core count) and the same transforms (``TwoViewAugment`` of the
-recipe; decoding with ``pipelines.data.decode_image``):
+processes (``--workers``, default the core count) and the same transforms (``BatchTwoViewAugment`` of
+the recipe, the training path's batched augmentation, applied to batches of ``--batch-size`` decoded
+images; decoding with ``pipelines.data.decode_image``):
 
 - ``ray_data``: ``build_train_dataset`` on a local Ray with W CPUs, one epoch through
   ``iter_torch_batches(batch_size)`` (what the training loop consumes; views reach this process);
-- ``wds_dataloader``: ``webdataset.WebDataset(shards)`` -> decode -> ``TwoViewAugment`` ->
-  ``batched`` -> ``torch.utils.data.DataLoader(num_workers=W, persistent_workers=True)`` (views reach
-  this process);
+- ``wds_dataloader``: ``webdataset.WebDataset(shards)`` -> decode -> ``batched`` ->
+  ``BatchTwoViewAugment`` -> ``torch.utils.data.DataLoader(num_workers=W, persistent_workers=True)``
+  (views reach this process);
 - ``pool_decode_augment``: W plain processes, each reading whole shards, decoding and augmenting,
   returning only a count: the same work without any framework or transfer of views (the ceiling for
   the full work);
@@ -59,7 +60,7 @@ from benchmarks.common import (
     write_result,
     write_synthetic_jpegs,
 )
-from secu.augment import TwoViewAugment
+from secu.batch_augment import BatchTwoViewAugment
 from secu.config import AugmentConfig, recipe
 
 NAME = "data_pipeline"
@@ -75,15 +76,20 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # as DataLoader workers and Ray tasks with num_cpus=1
 
 
-def decode_augment_shard(path: str, cfg: AugmentConfig) -> int:
-    """Decode and augment every image of one shard; returns the count (views are dropped)."""
+def decode_augment_shard(path: str, cfg: AugmentConfig, batch_size: int = 256) -> int:
+    """Decode every image of one shard and augment them in batches; returns the count (views are dropped)."""
     from pipelines.data import decode_image
 
     aug = _two_views(cfg)
-    n = 0
+    n, pending = 0, []
     for _, data, _ in iter_shard_samples(path):
-        aug(decode_image(data, cfg.channels, 50_000_000))
-        n += 1
+        pending.append(decode_image(data, cfg.channels, 50_000_000))
+        if len(pending) == batch_size:
+            aug(pending)
+            n, pending = n + len(pending), []
+    if pending:
+        aug(pending)
+        n += len(pending)
     return n
 
 
@@ -100,31 +106,45 @@ def raw_pil_shard(path: str, channels: int) -> int:
     return n
 
 
-_AUG_CACHE: dict[str, TwoViewAugment] = {}
+_AUG_CACHE: dict[str, BatchTwoViewAugment] = {}
 
 
-def _two_views(cfg: AugmentConfig) -> TwoViewAugment:
+def _two_views(cfg: AugmentConfig) -> BatchTwoViewAugment:
     key = repr(asdict(cfg))
     if key not in _AUG_CACHE:
-        _AUG_CACHE[key] = TwoViewAugment(cfg)
+        _AUG_CACHE[key] = BatchTwoViewAugment(cfg)
     return _AUG_CACHE[key]
 
 
-class WdsSample:
-    """webdataset map function: raw sample dict -> (view1, view2, sample_index), as our pipeline does."""
+class WdsDecode:
+    """webdataset map function: raw sample dict -> (decoded image, sample_index)."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
         import json
 
         from pipelines.data import decode_image
 
         data = next(sample[e] for e in SHARD_IMAGE_EXTS if e in sample)
-        image = decode_image(data, self.cfg.channels, 50_000_000)
-        view1, view2 = _two_views(self.cfg)(image)
-        return view1, view2, int(json.loads(sample["json"])["sample_index"])
+        return decode_image(data, self.cfg.channels, 50_000_000), int(json.loads(sample["json"])["sample_index"])
+
+
+def _unzip(samples: list[tuple[np.ndarray, int]]) -> tuple[Any, ...]:
+    return tuple(zip(*samples, strict=True))
+
+
+class WdsAugment:
+    """webdataset map function on a batch (list of images, list of ids) -> (views1, views2, ids)."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, batch: tuple[list[np.ndarray], list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, ids = batch
+        view1, view2 = _two_views(self.cfg)(list(images))
+        return torch.from_numpy(view1), torch.from_numpy(view2), torch.as_tensor(list(ids), dtype=torch.int64)
 
 
 def build_wds_loader(paths: list[str], cfg: AugmentConfig, batch_size: int, workers: int) -> Any:
@@ -132,8 +152,9 @@ def build_wds_loader(paths: list[str], cfg: AugmentConfig, batch_size: int, work
     import webdataset as wds
 
     dataset = (wds.WebDataset(paths, shardshuffle=False, empty_check=False)
-               .map(WdsSample(cfg))
-               .batched(batch_size, partial=True))
+               .map(WdsDecode(cfg))
+               .batched(batch_size, collation_fn=_unzip, partial=True)
+               .map(WdsAugment(cfg)))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
                                        prefetch_factor=2)
 

@@ -67,7 +67,8 @@ from pipelines.bad_input import BadInputError, BadInputPolicy, BadSample, new_ba
 from pipelines.dataset_info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info, parse_key
 from pipelines.sources import IMAGE_EXTENSIONS
 from pipelines.storage import StorageConfig, join
-from secu.augment import EvalTransform, TwoViewAugment, augment_batch, eval_batch
+from secu.augment import EvalTransform, eval_batch
+from secu.batch_augment import BatchTwoViewAugment
 from secu.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
@@ -270,8 +271,8 @@ def decode(batch: dict[str, np.ndarray], *, channels: int, policy: BadInputPolic
 
 
 @lru_cache(maxsize=4)
-def _two_views(cfg_json: str) -> TwoViewAugment:
-    return TwoViewAugment(AugmentConfig(**json.loads(cfg_json)))
+def _two_views(cfg_json: str) -> BatchTwoViewAugment:
+    return BatchTwoViewAugment(AugmentConfig(**json.loads(cfg_json)))
 
 
 @lru_cache(maxsize=4)
@@ -297,7 +298,7 @@ def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int)
         return {"view1": _empty_views(aug.cfg), "view2": _empty_views(aug.cfg),
                 "sample_index": np.zeros(0, dtype=np.int64)}
     batch_seed = int(_process_rng(seed).integers(0, 2**62))
-    view1, view2 = augment_batch(aug, images, seed=batch_seed)
+    view1, view2 = aug(images, seed=batch_seed)
     return {"view1": view1, "view2": view2, "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
 
 

@@ -1,0 +1,282 @@
+"""The two SeCu views (spec 5) computed for a whole batch at once: the training data path's augmentation.
+
+:class:`secu.augment.TwoViewAugment` applies torchvision's v2 transforms image by image; on small images
+(28-96 px) the per-call overhead of those transforms, not the arithmetic, is most of the cost (about
+0.35 ms per image for the Fashion-MNIST recipe on one core, more than the training step of a small
+CNN). :class:`BatchTwoViewAugment` draws the same random parameters from the same distributions and
+applies each operation to the whole batch as a few tensor operations:
+
+- RandomResizedCrop(S, scale=(min_crop, 1), ratio=(3/4, 4/3)): the crop box is drawn per image with
+  torchvision's algorithm (10 attempts, then the central crop of the closest aspect ratio). When every
+  image of the batch has the same size and is no larger than S (CIFAR, STL-10, Fashion-MNIST: the crop
+  is only ever enlarged), crop, resize and horizontal flip are one bilinear ``grid_sample`` over the
+  batch; the only difference from torchvision's crop-then-resize is at the crop's border, where the
+  sample may blend in the neighbouring pixel outside the box (at most half a pixel). Otherwise (large
+  or mixed sizes, e.g. ImageNet JPEGs) each image is cropped and resized with antialiasing by
+  ``torchvision``'s ``resized_crop`` and the rest of the chain runs batched.
+- ColorJitter(0.4, 0.4, 0.2, 0.1) with probability ``jitter_p``: brightness, contrast, saturation and
+  hue (the last two on 3 channels only) with factors drawn per image and applied in an order drawn
+  per image, as torchvision does.
+- RandomGrayscale(``grayscale_p``, 3 channels only), GaussianBlur (kernel about 10% of S, sigma in
+  [0.1, 2] per image, reflect padding, separable) with probability ``blur_p[v]``, horizontal flip
+  (p = 0.5) if ``flip``, Solarize(128) with probability ``solarize_p[v]``.
+
+Arithmetic stays in float32 from the crop to the end and is rounded to uint8 once before the
+solarize threshold; torchvision rounds (truncates) to uint8 after every operation, so pixel values may
+differ by a few levels. Every draw comes from one ``torch.Generator``: the same seed and images give
+the same views.
+
+Legend: B = batch, C = channels, H, W = input size, S = output side, K = blur taps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from secu.config import AugmentConfig
+
+__all__ = ["BatchTwoViewAugment", "crop_boxes"]
+
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+# ColorJitter(0.4, 0.4, 0.2, 0.1): factor ranges of brightness, contrast, saturation; hue shift range.
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0.4, 0.4, 0.2, 0.1
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    return torch.rand(shape, generator=gen) * (high - low) + low
+
+
+def _coins(gen: torch.Generator, n: int, p: float) -> torch.Tensor:
+    """A bool mask of n independent draws that are True with probability p."""
+    if p <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if p >= 1:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.rand(n, generator=gen) < p
+
+
+def crop_boxes(gen: torch.Generator, heights: torch.Tensor, widths: torch.Tensor,
+               scale: tuple[float, float], attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes, one per image, by torchvision's algorithm, vectorised over the batch.
+
+    Each image tries ``attempts`` (area fraction, log-uniform aspect ratio) draws and keeps the first
+    box that fits; an image where none fits gets the central crop of the closest allowed aspect ratio.
+
+    Args:
+        gen: Source of the random draws.
+        heights, widths: int64 B, the images' sizes.
+        scale: Range of the crop's area as a fraction of the image's area.
+
+    Returns:
+        int64 B x 4: top, left, height, width of each box.
+    """
+    B = heights.shape[0]
+    H, W = heights.double().unsqueeze(1), widths.double().unsqueeze(1)
+    area = H * W * _uniform(gen, (B, attempts), scale[0], scale[1]).double()
+    log_r = _uniform(gen, (B, attempts), math.log(_RATIO[0]), math.log(_RATIO[1])).double()
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    # The first attempt that fits (argmax of a bool row is its first True); rows without one fall back.
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    h_B = h.gather(1, first).squeeze(1)
+    w_B = w.gather(1, first).squeeze(1)
+    u_top, u_left = torch.rand(B, generator=gen).double(), torch.rand(B, generator=gen).double()
+    top = torch.floor(u_top * (H.squeeze(1) - h_B + 1))
+    left = torch.floor(u_left * (W.squeeze(1) - w_B + 1))
+
+    # Fallback: the whole image clipped to the allowed aspect ratios, centred.
+    Hs, Ws = H.squeeze(1), W.squeeze(1)
+    in_ratio = Ws / Hs
+    fb_w = torch.where(in_ratio < _RATIO[0], Ws, torch.where(in_ratio > _RATIO[1], torch.round(Hs * _RATIO[1]), Ws))
+    fb_h = torch.where(in_ratio < _RATIO[0], torch.round(Ws / _RATIO[0]), Hs)
+    fb_top = torch.div(Hs - fb_h, 2, rounding_mode="floor")
+    fb_left = torch.div(Ws - fb_w, 2, rounding_mode="floor")
+    box = torch.stack([torch.where(found, top, fb_top), torch.where(found, left, fb_left),
+                       torch.where(found, h_B, fb_h), torch.where(found, w_B, fb_w)], dim=1)
+    return box.long()
+
+
+def _gray(x_BCSS: torch.Tensor) -> torch.Tensor:
+    """Luminance B x 1 x S x S of float RGB images (a 1-channel image is its own luminance)."""
+    if x_BCSS.shape[1] == 1:
+        return x_BCSS
+    r, g, b = x_BCSS.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _shift_hue(x_BCSS: torch.Tensor, shift_B: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of float RGB images in [0, 255] by ``shift_B`` turns (HSV round trip)."""
+    x = x_BCSS / 255.0
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    gray = delta == 0
+    safe = torch.where(gray, torch.ones_like(delta), delta)
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(gray, torch.zeros_like(hue), hue)
+    hue = torch.remainder(hue / 6.0 + shift_B.view(-1, 1, 1), 1.0)
+    # HSV -> RGB: each channel is v - v s max(0, min(k, 4 - k, 1)) with k = (n + 6 h) mod 6.
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + 6.0 * hue, 6.0)
+        out.append(maxc - maxc * sat * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(out, dim=1) * 255.0
+
+
+def _jitter(gen: torch.Generator, x: torch.Tensor) -> torch.Tensor:
+    """ColorJitter on every image of ``x`` (float B x C x S x S in [0, 255]): factors and order per image."""
+    B, C = x.shape[0], x.shape[1]
+    ops = 4 if C == 3 else 2
+    brightness = _uniform(gen, (B,), 1 - _BRIGHTNESS, 1 + _BRIGHTNESS).view(-1, 1, 1, 1)
+    contrast = _uniform(gen, (B,), 1 - _CONTRAST, 1 + _CONTRAST).view(-1, 1, 1, 1)
+    saturation = _uniform(gen, (B,), 1 - _SATURATION, 1 + _SATURATION).view(-1, 1, 1, 1)
+    hue = _uniform(gen, (B,), -_HUE, _HUE)
+    order_BO = torch.argsort(torch.rand(B, ops, generator=gen), dim=1)  # a random permutation per image
+    x = x.clone()
+    for slot in range(ops):
+        for op in range(ops):
+            idx = (order_BO[:, slot] == op).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            xs = x[idx]
+            if op == 0:
+                xs = xs * brightness[idx]
+            elif op == 1:
+                f = contrast[idx]
+                xs = f * xs + (1 - f) * _gray(xs).mean(dim=(1, 2, 3), keepdim=True)
+            elif op == 2:
+                f = saturation[idx]
+                xs = f * xs + (1 - f) * _gray(xs)
+            else:
+                xs = _shift_hue(xs, hue[idx])
+            x[idx] = xs.clamp_(0, 255)
+    return x
+
+
+def _blur(gen: torch.Generator, x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Gaussian blur of every image with its own sigma in [0.1, 2] (separable, reflect padding)."""
+    B = x.shape[0]
+    sigma_B1 = _uniform(gen, (B,), 0.1, 2.0).view(-1, 1)
+    offsets_K = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
+    w_BK = torch.exp(-0.5 * (offsets_K / sigma_B1) ** 2)
+    w_BK = w_BK / w_BK.sum(dim=1, keepdim=True)
+    half = kernel // 2
+    out = x
+    for dim, pad in ((-1, [half, half, 0, 0]), (-2, [0, 0, half, half])):
+        padded = F.pad(out, pad, mode="reflect")
+        n = padded.shape[dim] - (kernel - 1)
+        acc = padded.narrow(dim, 0, n) * w_BK[:, 0].view(-1, 1, 1, 1)
+        for i in range(1, kernel):
+            acc.addcmul_(padded.narrow(dim, i, n), w_BK[:, i].view(-1, 1, 1, 1))
+        out = acc
+    return out
+
+
+def _blur_kernel(size: int) -> int:
+    # About 10% of the side, odd, at least 3: the same choice as the per-image pipeline.
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+class BatchTwoViewAugment:
+    """The two asymmetric SeCu views of a batch of images, as uint8 B x C x S x S arrays.
+
+    View 1 uses ``blur_p[0]`` and ``solarize_p[0]``, view 2 ``blur_p[1]`` and ``solarize_p[1]``; the
+    rest of ``cfg`` is shared (see the module docstring for each operation).
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        """Views of side ``cfg.image_size`` with ``cfg.channels`` channels."""
+        self.cfg = cfg
+        self.kernel = _blur_kernel(cfg.image_size)
+
+    def __call__(self, images: Sequence[np.ndarray], seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Two views of every image.
+
+        Args:
+            images: uint8 H x W or H x W x C images (C in 1, 3, 4), possibly of different sizes.
+            seed: Seeds every random draw of the batch; None draws the seed from torch's global
+                generator (so ``torch.manual_seed`` makes a process reproducible).
+
+        Returns:
+            ``(views1, views2)``, uint8 arrays of shape B x C x S x S.
+
+        Raises:
+            ValueError: For an empty batch or malformed images.
+        """
+        from secu.augment import image_to_tensor  # the channel policy lives there
+
+        if len(images) == 0:
+            raise ValueError("augment_batch got no images")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        gen = torch.Generator().manual_seed(seed)
+        tensors = [image_to_tensor(image, self.cfg.channels) for image in images]
+        same_size = all(t.shape == tensors[0].shape for t in tensors)
+        stacked = torch.stack(tensors) if same_size else None
+        return self._view(gen, tensors, stacked, 0), self._view(gen, tensors, stacked, 1)
+
+    def _view(self, gen: torch.Generator, tensors: list[torch.Tensor], stacked: torch.Tensor | None,
+              which: int) -> np.ndarray:
+        cfg, S = self.cfg, self.cfg.image_size
+        B = len(tensors)
+        heights = torch.tensor([t.shape[-2] for t in tensors], dtype=torch.int64)
+        widths = torch.tensor([t.shape[-1] for t in tensors], dtype=torch.int64)
+        box_B4 = crop_boxes(gen, heights, widths, (cfg.min_crop, 1.0))
+        flip_B = _coins(gen, B, 0.5 if cfg.flip else 0.0)
+        if stacked is not None and stacked.shape[-2] <= S and stacked.shape[-1] <= S:
+            x = self._crop_resize_flip_grid(stacked, box_B4, flip_B, S)
+        else:
+            crops = [TF.resized_crop(t, int(b[0]), int(b[1]), int(b[2]), int(b[3]), [S, S], antialias=True)
+                     for t, b in zip(tensors, box_B4.tolist(), strict=True)]
+            x = torch.stack(crops).float()
+            x = torch.where(flip_B.view(-1, 1, 1, 1), x.flip(-1), x)
+
+        jitter_B = _coins(gen, B, cfg.jitter_p)
+        if jitter_B.any():
+            idx = jitter_B.nonzero().squeeze(1)
+            x[idx] = _jitter(gen, x[idx])
+        if x.shape[1] == 3 and cfg.grayscale_p > 0:
+            gray_B = _coins(gen, B, cfg.grayscale_p)
+            x = torch.where(gray_B.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        blur_B = _coins(gen, B, cfg.blur_p[which])
+        if blur_B.any():
+            idx = blur_B.nonzero().squeeze(1)
+            x[idx] = _blur(gen, x[idx], self.kernel)
+        x = x.round_().clamp_(0, 255)
+        solarize_B = _coins(gen, B, cfg.solarize_p[which])
+        if solarize_B.any():
+            x = torch.where(solarize_B.view(-1, 1, 1, 1) & (x >= 128), 255 - x, x)
+        return x.to(torch.uint8).numpy()
+
+    @staticmethod
+    def _crop_resize_flip_grid(x_BCHW: torch.Tensor, box_B4: torch.Tensor, flip_B: torch.Tensor,
+                               side: int) -> torch.Tensor:
+        """Crop each box, resize it to S x S bilinearly and flip where asked, as one ``grid_sample``."""
+        B, C, H, W = x_BCHW.shape
+        top, left, h, w = (box_B4[:, i].float() for i in range(4))
+        # Output coordinate t in (-1, 1) maps to input (2 left + w) / W - 1 + t w / W (align_corners=False).
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0] = torch.where(flip_B, -w / W, w / W)
+        theta[:, 0, 2] = (2 * left + w) / W - 1
+        theta[:, 1, 1] = h / H
+        theta[:, 1, 2] = (2 * top + h) / H - 1
+        return _grid_resample(x_BCHW.float(), theta, side)
+
+
+def _grid_resample(x_BCHW: torch.Tensor, theta_B23: torch.Tensor, side: int) -> torch.Tensor:
+    B, C = x_BCHW.shape[:2]
+    grid = F.affine_grid(theta_B23, [B, C, side, side], align_corners=False)
+    return F.grid_sample(x_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=False)
