@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     write_result(args.out, result)
     write_svg(args.out.with_suffix(".svg"), workers, scaling, n)
+    from benchmarks.plot_png import scaling_png
+
+    scaling_png(args.out.with_suffix(".png"), result)
     return 0
 
 

@@ -130,3 +130,28 @@ def test_quality_quick(tmp_path: Path) -> None:
     for key in ("kmeans/test/acc", "kmeans/all/acc", "secu/test/h0/acc", "secu/all/h0/nmi", "secu/train_s"):
         assert key in data["summary"], key
     assert data["raw"][0]["secu"]["epochs"] == 1
+
+
+def test_png_charts(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from benchmarks.plot_png import line_chart, main, scaling_png
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    epochs = [{"epoch": e, "clusters/h0/acc": 0.2 + 0.05 * e} for e in range(5)]
+    (run / "train_history.json").write_text(json.dumps({"epochs": epochs}))
+    out = tmp_path / "acc.png"
+    assert main(["history", str(out), f"{run}=demo"]) == 0
+    with Image.open(out) as img:
+        assert img.size == (800, 500)
+        # The series is drawn: some pixels carry the first series' colour.
+        assert (31, 119, 180) in {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+    result = {"config": {"workers": [1, 2]},
+              "scaling": {"W1": {"images_per_s": {"median": 100.0}, "ideal_images_per_s": 100.0},
+                          "W2": {"images_per_s": {"median": 150.0}, "ideal_images_per_s": 200.0}}}
+    scaling_png(tmp_path / "s.png", result)
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="2 x values for 1 y values"):
+        line_chart(tmp_path / "bad.png", [("bad", [1, 2], [1])], title="t", xlabel="x", ylabel="y")
+    assert main(["nonsense", "x.png", "y"]) == 2
