@@ -86,8 +86,20 @@ def _maybe_fire_fault(job: TrainJobConfig, storage: StorageConfig, kind: str, ep
     coordinator.kill_shard(0)
 
 
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` call with the whole metrics dict at INFO, from every rank
+    (150 cluster statistics per epoch here). Rank 0 already logs one line per epoch; keep Ray's at WARNING.
+    Ray names that logger by its file path (``logging.getLogger(__file__)``), hence the lookup."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # a Ray version without that module does not log that line
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
+    _quiet_ray_report_log()
     job = TrainJobConfig.from_dict(loop_config["job"])
     storage: StorageConfig = loop_config["storage"]
     coordinator: CoordinatorClient = loop_config["coordinator"]

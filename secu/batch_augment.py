@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from secu.augment import _blur_kernel, image_to_tensor
 from secu.config import AugmentConfig
 
 __all__ = ["BatchTwoViewAugment", "crop_boxes"]
@@ -185,11 +186,6 @@ def _blur(gen: torch.Generator, x: torch.Tensor, kernel: int) -> torch.Tensor:
     return out
 
 
-def _blur_kernel(size: int) -> int:
-    # About 10% of the side, odd, at least 3: the same choice as the per-image pipeline.
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
-
-
 class BatchTwoViewAugment:
     """The two asymmetric SeCu views of a batch of images, as uint8 B x C x S x S arrays.
 
@@ -216,8 +212,6 @@ class BatchTwoViewAugment:
         Raises:
             ValueError: For an empty batch or malformed images.
         """
-        from secu.augment import image_to_tensor  # the channel policy lives there
-
         if len(images) == 0:
             raise ValueError("augment_batch got no images")
         if seed is None:

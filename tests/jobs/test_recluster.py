@@ -1,13 +1,16 @@
 """``python -m jobs.recluster``: two ticks over a growing folder of pattern images (2 workers at 0.5 CPU).
 
-Tick t1 ingests 192 images and trains 8 epochs from scratch; 64 new images arrive; tick t2 ingests only
+Tick t1 ingests 192 images and trains 30 epochs from scratch (until its labels settle: fewer than 3% change
+per epoch at the end); 64 new images arrive; tick t2 ingests only
 those, trains 3 epochs warm-started from t1, aligns its cluster ids to t1's and writes the drift summary.
 Then a third tick is refused while another holder has the series lock, and a completed tick id is refused.
 
 Thresholds: the pattern images fall into 3 visibly different classes and head 0 has K = 3 balanced
 clusters, so two unrelated labelings agree on about 1/3 of the images (less if the ids are permuted).
-Requiring >= 80 % agreement for old images is far above that chance level, and below the ~95-100 %
-measured on this machine, so that an unlucky augmentation draw does not fail the test.
+Requiring >= 80 % agreement for old images is far above that chance level, and below the 100 % measured
+on this machine, so that an unlucky augmentation draw does not fail the test. With only 8 epochs for t1
+(48 steps) its labels were still moving (35 % changed in its last epoch) and the agreement measured
+0.36-0.67: ids cannot be stable across ticks when the first tick has not settled, whatever the alignment.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def ticks(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple[
     storage, source = StorageConfig(str(root / "store")), root / "incoming"
     write_images(source, 0, 192, seed=0)
     common = ["--storage", storage.root, "--run-id", "lake", "--source", str(source), *TINY]
-    assert recluster_job.main([*common, "--tick", "t1", "--epochs", "8"]) == 0
+    assert recluster_job.main([*common, "--tick", "t1", "--epochs", "30"]) == 0
     sources_t1 = read_manifest(storage, load_dataset_info(storage, "lake"))["source"].to_pylist()
     write_images(source, 192, 64, seed=1)
     assert recluster_job.main([*common, "--tick", "t2", "--epochs", "3"]) == 0
