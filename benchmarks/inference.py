@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2,
                         help="Ray CPUs for ours; torch threads of the plain loop")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="InferenceOptions of ours, e.g. concurrency=2 or cpus_per_actor=0.5")
     args = parser.parse_args(argv)
     from pipelines.inference import InferenceOptions
 
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         write_fresh_checkpoint(storage, args.recipe)
         plain_dir = os.path.join(tmp, "plain")
         os.makedirs(plain_dir)
-        options = InferenceOptions(batch_size=args.batch_size)
+        from secu.config import apply_overrides
+
+        options = apply_overrides(InferenceOptions(batch_size=args.batch_size), args.overrides)
         threads = torch.get_num_threads()
         rounds = alternate({"ray_data": lambda: ours(storage, options),
                             "plain_loop": lambda: plain_loop(storage, plain_dir, args.batch_size, args.cpus)},

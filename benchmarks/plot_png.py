@@ -59,8 +59,10 @@ def line_chart(path: str | Path, series: Sequence[Series], *, title: str, xlabel
     for y in _ticks(y_lo, y_hi):
         _, py = px(x_lo, y)
         draw.line([left, py, W - right, py], fill=(225, 225, 225))
-        draw.text((5, py - 6), f"{y:.3g}", fill="black")
-    for x in _ticks(x_lo, x_hi):
+        draw.text((5, py - 6), f"{y:,.0f}" if y_hi >= 100 else f"{y:.3g}", fill="black")
+    xs_all = sorted({float(x) for _, xs, _ in series for x in xs})
+    x_ticks = xs_all if len(xs_all) <= 12 else _ticks(x_lo, x_hi)
+    for x in x_ticks:
         qx, _ = px(x, y_lo)
         draw.text((qx - 8, H - bottom + 6), f"{x:.3g}", fill="black")
     draw.text((W / 2 - 4 * len(title), 12), title, fill="black")
@@ -71,8 +73,11 @@ def line_chart(path: str | Path, series: Sequence[Series], *, title: str, xlabel
         points = [px(x, y) for x, y in zip(xs, ys, strict=True)]
         if dashed and dashed[i]:
             for a, b in zip(points[:-1], points[1:], strict=True):
-                mid = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
-                draw.line([a, mid], fill=color, width=2)
+                pieces = max(2, int(((b[0] - a[0]) ** 2 + (b[1] - a[1]) ** 2) ** 0.5 // 8))
+                for j in range(0, pieces, 2):  # every other piece of about 8 px
+                    t0, t1 = j / pieces, (j + 1) / pieces
+                    draw.line([(a[0] + t0 * (b[0] - a[0]), a[1] + t0 * (b[1] - a[1])),
+                               (a[0] + t1 * (b[0] - a[0]), a[1] + t1 * (b[1] - a[1]))], fill=color, width=2)
         else:
             draw.line(points, fill=color, width=2)
         for p in points:
