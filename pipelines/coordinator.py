@@ -566,6 +566,9 @@ class ClusterCoordinator:
 
 _ClusterCoordinatorActor = ray.remote(ClusterCoordinator)
 
+_INLINE_ARG_BYTES = 64 * 1024
+"""Constructor arguments up to this size are sent inline (Ray inlines task arguments below 100 KiB)."""
+
 
 class CoordinatorClient:
     """Handle on the coordinator shards for the driver and the training workers (picklable).
@@ -598,6 +601,7 @@ class CoordinatorClient:
         self._reset_local()
 
     def _reset_local(self) -> None:
+        self._pinned_args: list[ray.ObjectRef] = []
         self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self._buffer_rows = 0
         self._buffer_epoch: int | None = None
@@ -648,13 +652,33 @@ class CoordinatorClient:
             truth_N = np.asarray(true_labels)
             if truth_N.shape != (num_samples,) or not np.issubdtype(truth_N.dtype, np.integer):
                 raise ValueError(f"true_labels must be integers of shape ({num_samples},), got {truth_N.shape}")
+        # A restarted actor re-runs __init__ with the same arguments. Small ones travel inline in the
+        # task spec; larger ones live in the object store, where this client holds a reference to them
+        # so that they stay in scope (and a restart can read them) for as long as the run's driver lives.
+        args: list[Any] = [None] * len(ranges)
+        pinned: list[ray.ObjectRef] = []
+        if truth_N is not None:
+            # Classes in the narrowest signed type that holds them (unknown, < 0, as -1): 1 byte per id
+            # for up to 127 classes, so up to 64k ids per shard travel inline.
+            dtype = np.min_scalar_type(-(max(int(truth_N.max()), 0) + 1))
+            narrow = np.where(truth_N < 0, -1, truth_N).astype(dtype)
+            for i, (lo, hi) in enumerate(ranges):
+                part = np.ascontiguousarray(narrow[lo:hi])
+                if part.nbytes > _INLINE_ARG_BYTES:
+                    ref = ray.put(part)
+                    pinned.append(ref)
+                    args[i] = ref
+                else:
+                    args[i] = part
         handles = [
             _ClusterCoordinatorActor.options(
                 name=f"secu-coord-{run_id}-{i}", max_restarts=-1, max_task_retries=-1, num_cpus=0
-            ).remote(lo, hi, ks, None if truth_N is None else truth_N[lo:hi])
+            ).remote(lo, hi, ks, args[i])
             for i, (lo, hi) in enumerate(ranges)
         ]
-        return cls(handles, ranges, ks, flush_every)
+        client = cls(handles, ranges, ks, flush_every)
+        client._pinned_args = pinned
+        return client
 
     @property
     def ks(self) -> list[int]:

@@ -8,10 +8,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 # The heaviest end-to-end checks (a real `ray start --head` + `ray job submit`, simulated autoscaling,
-# repeated warm-started training runs, multi-minute benchmark smoke runs) are kept out of the default
-# run to hold it well under 20 minutes on 2 cores; `make test-slow` runs them.
+# repeated warm-started training runs) are kept out of the default run to hold it well under 20
+# minutes on 2 cores; `make test-slow` runs them.
 _SLOW_PATHS = ("tests/e2e/", "tests/jobs/test_recluster.py")
-_SLOW_TESTS = ("test_inference_quick",)
+_SLOW_TESTS: tuple[str, ...] = ()
 
 
 def pytest_collection_modifyitems(config: object, items: list) -> None:  # type: ignore[type-arg]

@@ -2,8 +2,8 @@
 complete JSON result. The figures themselves are not checked (claims live in the benchmarks, not in
 timed tests); only that they are there, numeric and finite.
 
-The two scripts that run whole trainings (``scaling``, ``quality``) take minutes even in quick mode on
-2 cores and are marked slow.
+All six run in the default suite (about 2 minutes together on 2 idle cores; ``scaling`` and ``quality``
+run short trainings, about 45 s each).
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ def test_inference_quick(tmp_path: Path) -> None:
     assert data["checks"]["rows_ours"] == data["checks"]["rows_plain"] == data["config"]["images"]
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_scaling_quick(tmp_path: Path) -> None:
     data = run_quick("scaling", tmp_path)
@@ -123,7 +122,6 @@ def test_scaling_quick(tmp_path: Path) -> None:
     assert data["scaling"]["W1"]["efficiency"] == pytest.approx(1.0)
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_quality_quick(tmp_path: Path) -> None:
     data = run_quick("quality", tmp_path)

@@ -561,3 +561,26 @@ def test_reset_serves_a_restart_without_checkpoint(make_client: Any, request: py
     assert client.flush() == 40, "writes from before the reset must not block the replayed epoch"
     assert client.end_epoch()["clusters/h0/max_size_frac"] == 1.0
     np.testing.assert_array_equal(client.recount(0), [0, 40, 0])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("num_shards", [1, 3])  # 150 kB of classes in the object store; 50 kB inline each
+def test_a_restarted_shard_still_has_the_true_labels(make_client: Any, num_shards: int) -> None:
+    n, ks = 150_000, [10]
+    truth = np.arange(n) % 10
+    truth[::7] = -5  # unknown
+    client = make_client(n, ks, num_shards=num_shards, true_labels=truth, flush_every=n)
+    client.kill_shard(0)
+    deadline = time.monotonic() + 30
+    while ray.get(client.handles[0].is_restored.remote()):
+        assert time.monotonic() < deadline, "the shard actor was not restarted"
+        time.sleep(0.05)
+    client.reset()  # a restart before the first checkpoint
+    # Clusters equal to the classes, except that classes 0 and 1 are merged into cluster 0.
+    labels = np.where(truth < 0, 3, np.where(truth == 1, 0, truth))[None, :]
+    client.write_async(np.arange(n), labels, 0)
+    assert client.flush() == n
+    stats = client.end_epoch(epoch=0)
+    known = truth >= 0
+    expected_acc = float(np.mean(truth[known] != 1))  # every known image but class 1 is matched
+    assert stats["clusters/h0/acc"] == pytest.approx(expected_acc)
