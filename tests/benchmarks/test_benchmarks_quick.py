@@ -153,3 +153,11 @@ def test_png_charts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 x values for 1 y values"):
         line_chart(tmp_path / "bad.png", [("bad", [1, 2], [1])], title="t", xlabel="x", ylabel="y")
     assert main(["nonsense", "x.png", "y"]) == 2
+
+
+def test_augment_quick(tmp_path: Path) -> None:
+    data = run_quick("augment", tmp_path)
+    assert set(data["kinds"]) == {"gray_28", "rgb_32"}
+    for kind in data["kinds"].values():
+        assert set(kind["ms_per_batch"]) == {"batched", "per_image_torchvision"}
+        assert math.isfinite(kind["speedup_batched"]) and kind["speedup_batched"] > 0
