@@ -191,3 +191,17 @@ def test_input_errors() -> None:
         aug([])
     with pytest.raises(ValueError, match="uint8"):
         aug([np.zeros((28, 28), dtype=np.float32)])
+
+
+def test_large_views_use_the_per_image_pipeline() -> None:
+    # Above BATCHED_MAX_SIDE the per-image torchvision pipeline is the faster one (benchmarks.augment).
+    cfg = AugmentConfig(image_size=96)
+    images = _images(10, [(120, 100, 3), (96, 96, 3)])
+    aug = BatchTwoViewAugment(cfg)
+    assert not aug.batched
+    ours = aug(images, seed=4)
+    ref = augment_batch(TwoViewAugment(cfg), images, seed=4)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    forced = BatchTwoViewAugment(cfg, batched=True)(images, seed=4)
+    assert forced[0].shape == (2, 3, 96, 96) and BatchTwoViewAugment(GRAY).batched
