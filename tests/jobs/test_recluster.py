@@ -7,10 +7,13 @@ Then a third tick is refused while another holder has the series lock, and a com
 
 Thresholds: the pattern images fall into 3 visibly different classes and head 0 has K = 3 balanced
 clusters, so two unrelated labelings agree on about 1/3 of the images (less if the ids are permuted).
-Requiring >= 80 % agreement for old images is far above that chance level, and below the 100 % measured
-on this machine, so that an unlucky augmentation draw does not fail the test. With only 8 epochs for t1
+Requiring >= 80 % agreement for old images is far above that chance level. With only 8 epochs for t1
 (48 steps) its labels were still moving (35 % changed in its last epoch) and the agreement measured
 0.36-0.67: ids cannot be stable across ticks when the first tick has not settled, whatever the alignment.
+With 30 epochs it measured 1.000, 1.000 and 0.667 in three runs on 2026-12-01: in the failing run t1's
+published argmax had merged two classes (sizes 64/128/0) and t2's separated them (86/85/85), so the
+ids of the merged pair moved although the alignment matched the centers (similarity 0.9998). The test
+is therefore flaky at this toy scale; see the closing note of issue 6.
 """
 
 from __future__ import annotations
