@@ -30,6 +30,7 @@ script; views of the ``imagenet1k`` recipe at 224 px).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -201,7 +202,8 @@ def measure_kind(kind: str, storage: Any, dataset: str, cfg: AugmentConfig, args
     variants = {
         "ray_data": lambda: epoch_ray_data(ds, args.batch_size),
         "wds_dataloader": lambda: epoch_loader(loader),
-        "pool_decode_augment": lambda: epoch_pool(pool, decode_augment_shard, paths, cfg),
+        "pool_decode_augment": lambda: epoch_pool(
+            pool, functools.partial(decode_augment_shard, batch_size=args.batch_size), paths, cfg),
         "pool_raw_pil": lambda: epoch_pool(pool, raw_pil_shard, paths, cfg.channels),
     }
     print(f"\n{kind}: {len(paths)} shards, views {cfg.channels} x {cfg.image_size} x {cfg.image_size}")

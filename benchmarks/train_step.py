@@ -97,12 +97,12 @@ def make_batch(exp: ExperimentConfig, batch: int, num_samples: int, seed: int = 
 class SeCuRunner:
     """The SeCu side: network with centers, optimizer, cluster state and a filled memory."""
 
-    def __init__(self, exp: ExperimentConfig, num_samples: int) -> None:
+    def __init__(self, exp: ExperimentConfig, num_samples: int, encoder: nn.Module | None = None) -> None:
         torch.manual_seed(exp.seed)
         self.exp = exp
-        self.net = SeCuNetwork(Encoder(exp.model), exp.model.feat_dim, exp.secu.ks,
+        self.net = SeCuNetwork(encoder or Encoder(exp.model), exp.model.feat_dim, exp.secu.ks,
                                generator=torch.Generator().manual_seed(exp.seed + 1))
-        self.opt = build_optimizer(self.net.encoder.parameters(), self.net.centers.parameters(), exp.optim)
+        self.opt = self.optimizer()
         self.state = ClusterState.create(exp.secu.ks)
         self.memory = LocalMemory(num_samples, exp.secu.num_heads)
         gen = torch.Generator().manual_seed(1)
@@ -110,11 +110,17 @@ class SeCuRunner:
             self.memory.labels_HN[h] = torch.randint(0, k, (num_samples,), generator=gen, dtype=torch.int32)
         self.snapshot = self.net.centers.snapshot()
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.net.encoder.parameters(), self.net.centers.parameters(), self.exp.optim)
+
     def step(self, b: Batch) -> None:
         aug = self.exp.augment
-        v1, v2 = normalize(b.view1, aug.mean, aug.std), normalize(b.view2, aug.mean, aug.std)
+        self.train_on(normalize(b.view1, aug.mean, aug.std), normalize(b.view2, aug.mean, aug.std), b)
+
+    def train_on(self, x1: torch.Tensor, x2: torch.Tensor, b: Batch) -> None:
+        """One SeCu step on encoder inputs ``x1``, ``x2``: losses, backward, optimizer, state, memory."""
         prev = self.memory.read(b.ids).long()
-        result = secu_step(self.net, v1, v2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
+        result = secu_step(self.net, x1, x2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
         self.opt.zero_grad(set_to_none=True)
         result.loss.backward()
         self.opt.step()
@@ -130,35 +136,24 @@ class _NormalizeOnly(nn.Module):
         return F.normalize(x_BD, dim=1), None
 
 
-class HeadsOnlyRunner:
+class HeadsOnlyRunner(SeCuRunner):
     """SeCu's own machinery without the encoder: the same step on fixed B x D features that need a
     gradient (heads, constraint, losses, backward into features and centers, center update, memory)."""
 
     def __init__(self, exp: ExperimentConfig, num_samples: int, batch: int) -> None:
-        self.exp = exp
-        self.net = SeCuNetwork(_NormalizeOnly(), exp.model.feat_dim, exp.secu.ks,
-                               generator=torch.Generator().manual_seed(exp.seed + 1))
-        self.opt = torch.optim.SGD(self.net.centers.parameters(), lr=exp.optim.clr, momentum=exp.optim.momentum,
-                                   weight_decay=exp.optim.weight_decay)
-        self.state = ClusterState.create(exp.secu.ks)
-        self.memory = LocalMemory(num_samples, exp.secu.num_heads)
-        gen = torch.Generator().manual_seed(1)
-        for h, k in enumerate(exp.secu.ks):
-            self.memory.labels_HN[h] = torch.randint(0, k, (num_samples,), generator=gen, dtype=torch.int32)
-        self.snapshot = self.net.centers.snapshot()
+        super().__init__(exp, num_samples, encoder=_NormalizeOnly())
+        gen = torch.Generator().manual_seed(2)
         self.f1 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
         self.f2 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        o = self.exp.optim  # no encoder parameters: the centers' group alone, as the recipe's optimizer has it
+        return torch.optim.SGD(self.net.centers.parameters(), lr=o.clr, momentum=o.momentum,
+                               weight_decay=o.weight_decay)
+
     def step(self, b: Batch) -> None:
-        prev = self.memory.read(b.ids).long()
-        result = secu_step(self.net, self.f1, self.f2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
-        self.opt.zero_grad(set_to_none=True)
         self.f1.grad, self.f2.grad = None, None
-        result.loss.backward()
-        self.opt.step()
-        self.state = result.state
-        mask = result.write_mask_B
-        self.memory.write(b.ids[mask], result.labels_HB[:, mask])
+        self.train_on(self.f1, self.f2, b)
 
 
 class PlainRunner:

@@ -663,7 +663,7 @@ class CoordinatorClient:
             dtype = np.min_scalar_type(-(max(int(truth_N.max()), 0) + 1))
             narrow = np.where(truth_N < 0, -1, truth_N).astype(dtype)
             for i, (lo, hi) in enumerate(ranges):
-                part = np.ascontiguousarray(narrow[lo:hi])
+                part = narrow[lo:hi]
                 if part.nbytes > _INLINE_ARG_BYTES:
                     ref = ray.put(part)
                     pinned.append(ref)

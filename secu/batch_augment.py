@@ -281,10 +281,5 @@ class BatchTwoViewAugment:
         theta[:, 0, 2] = (2 * left + w) / W - 1
         theta[:, 1, 1] = h / H
         theta[:, 1, 2] = (2 * top + h) / H - 1
-        return _grid_resample(x_BCHW.float(), theta, side)
-
-
-def _grid_resample(x_BCHW: torch.Tensor, theta_B23: torch.Tensor, side: int) -> torch.Tensor:
-    B, C = x_BCHW.shape[:2]
-    grid = F.affine_grid(theta_B23, [B, C, side, side], align_corners=False)
-    return F.grid_sample(x_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = F.affine_grid(theta, [B, C, side, side], align_corners=False)
+        return F.grid_sample(x_BCHW.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
