@@ -255,8 +255,10 @@ def _curves(history: list[dict[str, Any]], head: int) -> str:
 
     charts = [line_chart({k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")},
                          "training loss", y_label="loss"),
-              line_chart({f"h{head}": series(f"clusters/h{head}/changed_frac")},
-                         "fraction of images that changed cluster", y_label="fraction")]
+              # Both high after the warm-up: the size-constraint duals cycle (train_loop.warn_if_duals_cycle).
+              line_chart({f"h{head} changed": series(f"clusters/h{head}/changed_frac"),
+                          f"h{head} batch share": series(f"clusters/h{head}/largest_batch_share")},
+                         "images that changed cluster; largest batch share", y_label="fraction")]
     if any(f"clusters/h{head}/acc" in e for e in history):
         charts.append(line_chart({m.upper(): series(f"clusters/h{head}/{m}") for m in ("acc", "nmi", "ari")},
                                  f"head {head} against labels (training memory)", y_label="score"))

@@ -43,6 +43,7 @@ from pipelines.storage import StorageConfig
 from pipelines.warm_start import WarmStart
 from secu import distributed
 from secu.augment import normalize
+from secu.config import ExperimentConfig
 from secu.network import SeCuNetwork
 from secu.optim import build_optimizer, set_learning_rates
 from secu.schedules import lr_schedule
@@ -84,6 +85,32 @@ def _maybe_fire_fault(job: TrainJobConfig, storage: StorageConfig, kind: str, ep
         os._exit(1)
     logger.warning("fault injection: killing coordinator shard 0 at epoch %d step %d", epoch, step)
     coordinator.kill_shard(0)
+
+
+def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
+    """Log a warning for every head whose size-constraint duals look locked in a cycle; returns those heads.
+
+    The signature (docs/benchmarks.md, "Small-data stability"): after the warm-up, one cluster takes a
+    median of at least 1.8/K (and at least half) of each global batch while a quarter or more of the stored
+    labels change in the epoch: the duals, which move by up to dual_lr * lratio / K per step, exceed the
+    cost margins between centers and hand the batch to one cluster after another.
+    """
+    if exp.secu.constraint != "size" or metrics["epoch"] <= exp.optim.warmup_epochs:
+        return []
+    heads = []
+    for h, k in enumerate(exp.secu.ks):
+        share = metrics.get(f"clusters/h{h}/largest_batch_share", 0.0)
+        changed = metrics.get(f"clusters/h{h}/changed_frac", 0.0)
+        if k >= 3 and share >= max(0.5, 1.8 / k) and changed >= 0.25:
+            heads.append(h)
+            logger.warning(
+                "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the "
+                "stored labels changed: the size-constraint duals look locked in a cycle (each step sends most "
+                "of its batch to one cluster in turn), so these clusters are not settling. It happens when a "
+                "dual's step dual_lr * lratio / K = %.3g exceeds the cost margins between centers, typically "
+                "with few images per cluster; see 'Small-data stability' in docs/benchmarks.md",
+                metrics["epoch"], h, k, 100 * share, 100 * changed, exp.secu.dual_lr * exp.secu.lratio / k)
+    return heads
 
 
 def _quiet_ray_report_log() -> None:
@@ -166,6 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         snapshot = [p.to(device) for p in base.centers.snapshot()]
         coordinator.begin_epoch(epoch)
         sums = {"loss": 0.0, "loss_center": 0.0, "loss_repr": 0.0, "changed": 0.0}
+        shares_HS: list[list[float]] = [[] for _ in exp.secu.ks]
         steps, images, delivered = 0, 0, 0
         for batch in shard.iter_torch_batches(batch_size=job.local_batch_size, drop_last=False,
                                               dtypes=None, device="cpu"):
@@ -192,6 +220,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sums["loss"] += float(result.loss.detach())
             sums["loss_center"] += result.loss_center
             sums["loss_repr"] += result.loss_repr
+            for h, share in enumerate(result.largest_share_H):
+                shares_HS[h].append(share)
             steps += 1
             images += ids.shape[0]
             global_step += 1
@@ -228,6 +258,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data/images_per_s": images_all / max(elapsed, 1e-9),
             "time/epoch_s": elapsed,
         }
+        # The same on every rank (computed from the gathered labels).
+        metrics.update({f"clusters/h{h}/largest_batch_share": float(np.median(s)) if s else 0.0
+                        for h, s in enumerate(shares_HS)})
         if not math.isfinite(metrics["train/loss"]):
             raise FloatingPointError(
                 f"epoch {epoch}: the training loss is {metrics['train/loss']}; lower optim.lr or optim.clr"
@@ -235,6 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             metrics.update(coordinator.end_epoch(
                 [c.numpy() for c in state.counters], [d.numpy() for d in state.duals]))
+            warn_if_duals_cycle(metrics, exp)
         state = state.at_epoch_end(exp.secu.constraint)
         history.append(metrics)
         save_now = ((epoch + 1) % job.compute.checkpoint_every == 0 or epoch == exp.optim.epochs - 1

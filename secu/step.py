@@ -46,6 +46,10 @@ class StepResult:
     """Counters and duals after this step (identical on every rank)."""
     changed_B: torch.Tensor
     """Per instance, how many heads changed label vs the stored one (instances with a stored label)."""
+    largest_share_H: list[float]
+    """Per head, the largest fraction of the global batch (duplicates removed) that went to one cluster:
+    about 1/K when the batch spreads over the clusters, near 1 when the size-constraint duals cycle and
+    send each step's whole batch to one cluster in turn (identical on every rank)."""
 
 
 def first_occurrence_mask(ids_G: torch.Tensor) -> torch.Tensor:
@@ -139,11 +143,13 @@ def secu_step(
     unique_G = first_occurrence_mask(ids_G)
     write_mask_B = unique_G[ranks_G == distributed.rank()]
 
-    counters, duals = [], []
+    counters, duals, largest_share_H = [], [], []
     for h in range(heads):
-        c, d = _update_state(h, new_HG[h][unique_G], prev_HG[h][unique_G], state, cfg)
+        new_h = new_HG[h][unique_G]
+        c, d = _update_state(h, new_h, prev_HG[h][unique_G], state, cfg)
         counters.append(c)
         duals.append(d)
+        largest_share_H.append(float(torch.bincount(new_h).max()) / new_h.shape[0] if new_h.numel() else 0.0)
     new_state = ClusterState(counters=counters, duals=duals)
 
     # 3.3: the representation learns from the stored label when there is one.
@@ -174,4 +180,5 @@ def secu_step(
         write_mask_B=write_mask_B,
         state=new_state,
         changed_B=changed_B,
+        largest_share_H=largest_share_H,
     )

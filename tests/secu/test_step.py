@@ -51,7 +51,7 @@ def run_steps(cfg: SeCuConfig, rank: int, world: int, steps: int = 3) -> dict[st
     snapshot = net.centers.snapshot()
     state = ClusterState.create(KS)
     memory = LocalMemory(N, len(KS))
-    labels, losses, grads, masks = [], [], [], []
+    labels, losses, grads, masks, shares = [], [], [], [], []
     for step in range(steps):
         v1, v2, ids = make_batch(step)
         part = slice(rank * 8 // world, (rank + 1) * 8 // world)
@@ -84,8 +84,9 @@ def run_steps(cfg: SeCuConfig, rank: int, world: int, steps: int = 3) -> dict[st
         losses.append(loss)
         grads.append(grad)
         masks.append(mask)
+        shares.append(res.largest_share_H)
     return {
-        "labels": labels, "losses": losses, "grads": grads, "masks": masks,
+        "labels": labels, "losses": losses, "grads": grads, "masks": masks, "shares": shares,
         "counters": state.counters, "duals": state.duals, "memory": memory.labels_HN,
     }
 
@@ -124,6 +125,10 @@ def test_two_gloo_processes_equal_one_process(constraint: str, tmp_path: Any) ->
         for a, b in zip(single[key], double[key], strict=True):
             assert torch.allclose(a, b), key
     assert torch.equal(single["memory"], double["memory"])
+    # The largest batch share comes from the gathered labels: the same on both ranks and in one process.
+    assert single["shares"] == double["shares"]
+    for labels_HG, mask, shares_H in zip(single["labels"], single["masks"], single["shares"], strict=True):
+        assert shares_H == [float(torch.bincount(row[mask]).max()) / int(mask.sum()) for row in labels_HG]
     # The state really evolved (the comparison is not between two zero tensors).
     moved = single["duals"] if constraint == "size" else single["counters"]
     assert any(float(t.abs().sum()) > 0 for t in moved)
@@ -147,6 +152,20 @@ def test_duplicate_ids_are_counted_once(constraint: str) -> None:
     ref = secu_step(net, v[:2], v[:2], ids_dup[:2], None, net.centers.snapshot(), ClusterState.create((4,)), cfg)
     assert torch.allclose(res.state.duals[0], ref.state.duals[0])
     assert torch.allclose(res.state.counters[0], ref.state.counters[0])
+
+
+def test_largest_share_is_one_when_a_dual_takes_the_whole_batch() -> None:
+    """The signature of cycling duals: a dual larger than every cost gap sends the whole batch to its cluster."""
+    cfg = SeCuConfig(ks=(4,), constraint="size", tx=0.1, tw=0.1)
+    torch.manual_seed(0)
+    net = SeCuNetwork(TinyEncoder(), FEAT, (4,))
+    v, ids = torch.randn(8, 2, 4, 4), torch.arange(8)
+    balanced = secu_step(net, v, v, ids, None, net.centers.snapshot(), ClusterState.create((4,)), cfg)
+    assert balanced.largest_share_H == [float(torch.bincount(balanced.labels_HB[0]).max()) / 8]
+    assert balanced.largest_share_H[0] < 1.0  # the random batch spreads over more than one cluster
+    state = ClusterState([torch.zeros(4, dtype=torch.float64)], [torch.tensor([0.0, 0.0, 5.0, 0.0])])
+    forced = secu_step(net, v, v, ids, None, net.centers.snapshot(), state, cfg)
+    assert forced.labels_HB[0].tolist() == [2] * 8 and forced.largest_share_H == [1.0]
 
 
 def test_entropy_counters_equal_recount_of_memory_over_epochs() -> None:
