@@ -2,7 +2,7 @@
 complete JSON result. The figures themselves are not checked (claims live in the benchmarks, not in
 timed tests); only that they are there, numeric and finite.
 
-All six run in the default suite (about 2 minutes together on 2 idle cores; ``scaling`` and ``quality``
+All of them run in the default suite (about 2 minutes together on 2 idle cores; ``scaling`` and ``quality``
 run short trainings, about 45 s each).
 """
 
@@ -161,3 +161,16 @@ def test_augment_quick(tmp_path: Path) -> None:
     for kind in data["kinds"].values():
         assert set(kind["ms_per_batch"]) == {"batched", "per_image_torchvision"}
         assert math.isfinite(kind["speedup_batched"]) and kind["speedup_batched"] > 0
+
+
+def test_small_data_stability_quick(tmp_path: Path) -> None:
+    data = run_quick("small_data_stability", tmp_path)
+    assert set(data["variants"]) == {"reference", "dual_lr_0.03"}
+    for variant in data["variants"].values():
+        assert variant["seeds"] == 2 and len(variant["runs"]) == 2
+        assert 0 <= variant["settled"] + variant["cycling"] <= 2 and 0 <= variant["merged"] <= 2
+        assert variant["warned"] == sum(run["warned"] for run in variant["runs"])
+        for run in variant["runs"]:
+            assert len(run["changed_last"]) == 3 and all(0.0 <= c <= 1.0 for c in run["changed_last"])
+            assert sum(run["published_sizes"]) == 192 and 1 / 3 <= run["largest_batch_share"] <= 1.0
+            assert run["settled"] == (max(run["changed_last"]) < 0.05) and math.isfinite(run["margin"])

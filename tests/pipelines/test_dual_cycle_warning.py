@@ -2,7 +2,7 @@
 
 The signature was measured with ``python -m benchmarks.small_data_stability`` (docs/benchmarks.md,
 "Small-data stability"): cycling runs had a median largest batch share of 0.64-1.0 with a quarter to
-three quarters of the labels changing every epoch; settled runs 0.41 and under 5 %.
+three quarters of the labels changing every epoch; settled runs 0.39-0.41 and under 5 %.
 """
 
 from __future__ import annotations
