@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import LoadProbe, base_parser, print_table, start_result, write_result
+from benchmarks.common import LoadProbe, base_parser, print_table, start_result, summarize, write_result
 from pipelines.checkpointing import build_network
 from pipelines.train_loop import warn_if_duals_cycle
 from secu.augment import normalize
@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"margin {record['margin']:.4f}, center cos {record['center_cos_max']:.2f}", flush=True)
         counts = {key: sum(bool(r[key]) for r in runs) for key in ("settled", "cycling", "merged", "warned")}
         per_variant[variant] = {"seeds": seeds, **counts, "settled_frac": counts["settled"] / seeds,
-                                "median_margin": float(np.median([r["margin"] for r in runs])), "runs": runs}
+                                "margin": summarize([r["margin"] for r in runs]),
+                                "largest_batch_share": summarize([r["largest_batch_share"] for r in runs]), "runs": runs}
         rows.append([variant, seeds, counts["settled"], counts["cycling"], counts["merged"], counts["warned"],
-                     per_variant[variant]["median_margin"]])
+                     per_variant[variant]["margin"]["median"]])
     result["config"] = {"images": 192, "classes": 3, "global_batch": 32, "epochs": epochs, "seeds": seeds,
                         "variants": variants, "settled_below": SETTLED, "cycling_from": CYCLING,
                         "merged_below_acc": MERGED_ACC}
