@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = {key: sum(bool(r[key]) for r in runs) for key in ("settled", "cycling", "merged", "warned")}
         per_variant[variant] = {"seeds": seeds, **counts, "settled_frac": counts["settled"] / seeds,
                                 "margin": summarize([r["margin"] for r in runs]),
-                                "largest_batch_share": summarize([r["largest_batch_share"] for r in runs]), "runs": runs}
+                                "largest_batch_share": summarize([r["largest_batch_share"] for r in runs]),
+                                "runs": runs}
         rows.append([variant, seeds, counts["settled"], counts["cycling"], counts["merged"], counts["warned"],
                      per_variant[variant]["margin"]["median"]])
     result["config"] = {"images": 192, "classes": 3, "global_batch": 32, "epochs": epochs, "seeds": seeds,
