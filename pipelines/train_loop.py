@@ -87,8 +87,12 @@ def _maybe_fire_fault(job: TrainJobConfig, storage: StorageConfig, kind: str, ep
     coordinator.kill_shard(0)
 
 
-def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
-    """Log a warning for every head whose size-constraint duals look locked in a cycle; returns those heads.
+CYCLE_CHANGED_FRAC = 0.25
+"""Share of stored labels changed in an epoch from which a high batch share counts as cycling duals."""
+
+
+def cycling_heads(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
+    """Heads whose size-constraint duals look locked in a cycle in this epoch's ``metrics``.
 
     The signature (docs/benchmarks.md, "Small-data stability"): after the warm-up, one cluster takes a
     median of at least 1.8/K (and at least half) of each global batch while a quarter or more of the stored
@@ -97,19 +101,24 @@ def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[
     """
     if exp.secu.constraint != "size" or metrics["epoch"] <= exp.optim.warmup_epochs:
         return []
-    heads = []
-    for h, k in enumerate(exp.secu.ks):
-        share = metrics.get(f"clusters/h{h}/largest_batch_share", 0.0)
-        changed = metrics.get(f"clusters/h{h}/changed_frac", 0.0)
-        if k >= 3 and share >= max(0.5, 1.8 / k) and changed >= 0.25:
-            heads.append(h)
-            logger.warning(
-                "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the "
-                "stored labels changed: the size-constraint duals look locked in a cycle (each step sends most "
-                "of its batch to one cluster in turn), so these clusters are not settling. It happens when a "
-                "dual's step dual_lr * lratio / K = %.3g exceeds the cost margins between centers, typically "
-                "with few images per cluster; see 'Small-data stability' in docs/benchmarks.md",
-                metrics["epoch"], h, k, 100 * share, 100 * changed, exp.secu.dual_lr * exp.secu.lratio / k)
+    return [h for h, k in enumerate(exp.secu.ks)
+            if k >= 3 and metrics.get(f"clusters/h{h}/largest_batch_share", 0.0) >= max(0.5, 1.8 / k)
+            and metrics.get(f"clusters/h{h}/changed_frac", 0.0) >= CYCLE_CHANGED_FRAC]
+
+
+def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
+    """Log a warning for every head of ``cycling_heads``; returns those heads."""
+    heads = cycling_heads(metrics, exp)
+    for h in heads:
+        k = exp.secu.ks[h]
+        logger.warning(
+            "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the "
+            "stored labels changed: the size-constraint duals look locked in a cycle (each step sends most "
+            "of its batch to one cluster in turn), so these clusters are not settling. It happens when a "
+            "dual's step dual_lr * lratio / K = %.3g exceeds the cost margins between centers, typically "
+            "with few images per cluster; see 'Small-data stability' in docs/benchmarks.md",
+            metrics["epoch"], h, k, 100 * metrics[f"clusters/h{h}/largest_batch_share"],
+            100 * metrics[f"clusters/h{h}/changed_frac"], exp.secu.dual_lr * exp.secu.lratio / k)
     return heads
 
 
