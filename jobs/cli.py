@@ -12,6 +12,7 @@ COMMANDS = {
     "infer": "jobs.infer",
     "evaluate": "jobs.evaluate",
     "report": "jobs.report",
+    "self-label": "jobs.self_label",
     "recluster": "jobs.recluster",
     "demo": "jobs.demo",
 }
@@ -24,6 +25,7 @@ Deep clustering of image collections with SeCu on Ray. Commands:
   infer      write cluster assignments to Parquet
   evaluate   ACC/NMI/ARI and cluster statistics of an inference run
   report     a static HTML report of the clusters
+  self-label fine-tune a trained run on its confident images (second stage)
   recluster  scheduled reclustering: ingest new images, warm start, infer, drift summary
   demo       the whole chain on Fashion-MNIST on this machine
 

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     print(json.dumps(result, indent=1, default=float) if args.json else format_table(result))
-    logger.info("metrics written to %s", where)
+    for warning in result["warnings"]:
+        logger.warning("%s", warning)
+    logger.info("metrics written to %s%s", where,
+                f"; WARNING: {len(result['warnings'])} head(s) collapsed, see above" if result["warnings"] else "")
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
-from pipelines.job_config import TrainJobConfig, apply_job_overrides
+from pipelines.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
 from secu.config import RECIPE_NAMES, apply_overrides
 
 logger = logging.getLogger("jobs.recluster")
@@ -97,6 +97,7 @@ def resolve(args: argparse.Namespace) -> tuple[TrainJobConfig, Any, Any]:
     options = apply_overrides(ReclusterOptions(**(recluster_cfg | given)), recluster_sets)
     inference = apply_overrides(InferenceOptions(**inference_cfg), inference_sets)
     template = apply_job_overrides(TrainJobConfig.from_dict(data | {"run_id": args.run_id}), train_sets)
+    template = mark_user_set(template, data, train_sets)
     return template, options, inference
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
-from pipelines.job_config import TrainJobConfig, apply_job_overrides
+from pipelines.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
 from secu.config import RECIPE_NAMES
 
 logger = logging.getLogger("jobs.train")
@@ -67,7 +67,7 @@ def resolve_job(args: argparse.Namespace) -> TrainJobConfig:
         overrides.insert(0, "compute.use_gpu=true")
     run_id_given = bool(data.get("run_id"))
     job = TrainJobConfig.from_dict(data)
-    job = apply_job_overrides(job, overrides)
+    job = mark_user_set(apply_job_overrides(job, overrides), data, overrides)
     if not run_id_given and not any(o.startswith("run_id=") for o in overrides):
         # Derive the id from the final config so that overrides change it too.
         job = TrainJobConfig(experiment=job.experiment, compute=job.compute, dataset=job.dataset)
@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
-    logger.info("run %s finished after %d epochs; checkpoint %s", outcome.run_id, outcome.epochs_run,
-                outcome.checkpoint_path)
+    for warning in outcome.warnings:
+        logger.warning("%s", warning)
+    logger.info("run %s finished after %d epochs; checkpoint %s%s", outcome.run_id, outcome.epochs_run,
+                outcome.checkpoint_path,
+                f"; WARNING: {len(outcome.warnings)} head(s) collapsed, see above" if outcome.warnings else "")
     return 0
 
 

@@ -289,9 +289,11 @@ def _empty_views(cfg: AugmentConfig) -> np.ndarray:
     return np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
 
 
-def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int) -> dict[str, np.ndarray]:
+def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int,
+                      weak_json: str | None = None) -> dict[str, np.ndarray]:
     """Stage ``augment_two_views``: ``image`` -> ``view1``, ``view2`` (uint8 B x C x S x S), ``sample_index``
-    (the only columns left, so training iterates over tensors only)."""
+    (the only columns left, so training iterates over tensors only). With ``weak_json`` (self-labeling),
+    ``view1`` is the first view of that weak augmentation and ``view2`` the second view of ``cfg_json``'s."""
     aug = _two_views(cfg_json)
     images = list(batch["image"])
     if not images:
@@ -299,6 +301,8 @@ def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int)
                 "sample_index": np.zeros(0, dtype=np.int64)}
     batch_seed = int(_process_rng(seed).integers(0, 2**62))
     view1, view2 = aug(images, seed=batch_seed)
+    if weak_json is not None:
+        view1, _ = _two_views(weak_json)(images, seed=batch_seed + 1)
     return {"view1": view1, "view2": view2, "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
 
 
@@ -420,7 +424,8 @@ def _read_and_decode(storage: StorageConfig, plan: DatasetPlan, channels: int, p
 
 
 def build_train_dataset(storage: StorageConfig, dataset: str, augment: AugmentConfig, *, seed: int,
-                        policy: BadInputPolicy | None = None, counter: Any | None = None) -> ray.data.Dataset:
+                        policy: BadInputPolicy | None = None, counter: Any | None = None,
+                        weak: AugmentConfig | None = None) -> ray.data.Dataset:
     """The training stream: columns ``view1``, ``view2`` (uint8 B x C x S x S) and ``sample_index`` (int64).
 
     Args:
@@ -431,6 +436,7 @@ def build_train_dataset(storage: StorageConfig, dataset: str, augment: AugmentCo
         policy: Bad-input policy (default ``BadInputPolicy()``).
         counter: A ``BadInputCounter`` to report into (to read its report or pass it to
             ``verify_epoch``); one is created when None.
+        weak: Self-labeling: ``view1`` becomes a view of this weak augmentation (``augment_two_views``).
     """
     policy = policy or BadInputPolicy()
     plan = plan_dataset(storage, dataset, policy, counter)
@@ -438,7 +444,8 @@ def build_train_dataset(storage: StorageConfig, dataset: str, augment: AugmentCo
                           FileShuffleConfig(seed=seed, reseed_after_execution=True))
     cfg_json = json.dumps(asdict(augment))
     return ds.map_batches(cast(Any, augment_two_views), batch_size=DECODE_BATCH, batch_format="numpy",
-                          fn_kwargs={"cfg_json": cfg_json, "seed": seed})
+                          fn_kwargs={"cfg_json": cfg_json, "seed": seed,
+                                     "weak_json": None if weak is None else json.dumps(asdict(weak))})
 
 
 def build_eval_dataset(storage: StorageConfig, dataset: str, augment: AugmentConfig, *,

@@ -24,6 +24,7 @@ from pipelines.dataset_info import DatasetInfo, find_dataset_info, read_manifest
 from pipelines.metrics_log import HISTORY_FILE
 from pipelines.schema import cluster_column, confidence_column, similarity_column
 from pipelines.storage import StorageConfig, join
+from secu.diagnose import collapse_message
 from secu.metrics import contingency, evaluate_clustering, size_stats
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,12 @@ def evaluate_assignments(storage: StorageConfig, run_id: str, name: str = DEFAUL
     labels = load_labels(storage, marker["dataset"])
     y_true = labels_for(labels, ids)
     labelled = int((y_true >= 0).sum())
-    results = []
+    results, warnings = [], []
     for h in range(heads):
         pred = table[cluster_column(h)].to_numpy().astype(np.int64)
+        msg = collapse_message(h, np.bincount(pred, minlength=ks[h]), where=f"the published output {name!r}")
+        if msg:
+            warnings.append(msg)
         figures = evaluate_head(y_true, pred, ks[h], table[confidence_column(h)].to_numpy(),
                                 table[similarity_column(h)].to_numpy())
         results.append({"head": h} | figures)
@@ -151,6 +155,7 @@ def evaluate_assignments(storage: StorageConfig, run_id: str, name: str = DEFAUL
         "protocol": protocol,
         "heads": results,
         "metrics": flat,
+        "warnings": warnings,
         "train_history": summarize_history(storage, run_id),
     }
 
@@ -194,4 +199,5 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{','.join(p['splits']) or '?'}), {p['rows']} images, {p['labelled_rows']} labelled, "
                     f"checkpoint epoch {p['checkpoint_epoch']}")
     lines.insert(1, "-" * len(lines[1]))
+    lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)

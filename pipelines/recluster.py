@@ -178,8 +178,12 @@ def tick_job(template: TrainJobConfig, run_id: str, epochs: int) -> TrainJobConf
     if warmup != template.experiment.optim.warmup_epochs:
         logger.info("optim.warmup_epochs=%d shortened to %d to fit the tick's %d epoch(s)",
                     template.experiment.optim.warmup_epochs, warmup, epochs)
-    return apply_job_overrides(template, [f"optim.warmup_epochs={warmup}", f"optim.epochs={epochs}",
-                                          f"run_id={run_id}"])
+    job = apply_job_overrides(template, [f"optim.warmup_epochs={warmup}", f"optim.epochs={epochs}",
+                                         f"run_id={run_id}"])
+    # The tick's epochs are the user's (recluster.epochs): adaptation to the collection (secu.adapt) may
+    # lengthen the warm-up within them, never add epochs.
+    fixed = sorted(set(job.experiment.adapt.fixed) | {"optim.epochs"})
+    return apply_job_overrides(job, [f"adapt.fixed={','.join(fixed)}"])
 
 
 def run_recluster(storage: StorageConfig, template: TrainJobConfig, base: str, *, tick: str | None = None,

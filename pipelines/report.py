@@ -58,6 +58,7 @@ _MAX_SVG_CELLS = 2_000
 _MAX_BARS = 1_000
 
 CSS = """
+.warn { background: #fff3cd; border: 1px solid #e0b000; padding: 8px 12px; border-radius: 4px; }
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1280px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
@@ -253,11 +254,12 @@ def _curves(history: list[dict[str, Any]], head: int) -> str:
     def series(key: str) -> list[tuple[float, float | None]]:
         return [(float(e["epoch"]), e.get(key)) for e in history if "epoch" in e]
 
-    charts = [line_chart({k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")},
-                         "training loss", y_label="loss"),
+    charts = [line_chart({k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")}
+                         | {"self-labeling": series("self_label/loss")}, "training loss", y_label="loss"),
               # Both high after the warm-up: the size-constraint duals cycle (train_loop.warn_if_duals_cycle).
               line_chart({f"h{head} changed": series(f"clusters/h{head}/changed_frac"),
-                          f"h{head} batch share": series(f"clusters/h{head}/largest_batch_share")},
+                          f"h{head} batch share": series(f"clusters/h{head}/largest_batch_share"),
+                          "confident (self-labeling)": series("self_label/confident_frac")},
                          "images that changed cluster; largest batch share", y_label="fraction")]
     if any(f"clusters/h{head}/acc" in e for e in history):
         charts.append(line_chart({m.upper(): series(f"clusters/h{head}/{m}") for m in ("acc", "nmi", "ari")},
@@ -479,6 +481,7 @@ def _index_page(ctx: _Context, history: list[dict[str, Any]], table_CK: np.ndarr
              f'{escape(str(m.get("train_dataset")))}), checkpoint <code>{escape(str(m["checkpoint"]))}</code> '
              f'(epoch {m["checkpoint_epoch"]}), published {escape(str(m.get("published", "")))}. '
              f"{escape(p['note'][:1].upper() + p['note'][1:])}. Assignment: {escape(p['assignment'])}.</p>",
+             *[f"<p class=warn><b>Warning:</b> {escape(w)}</p>" for w in ctx.evaluation.get("warnings", [])],
              "<h2>Metrics per head</h2>", _metrics_table(ctx.evaluation),
              f"<p class=meta>{escape(p['metrics'])}; {p['labelled_rows']} labelled images.</p>",
              f"<h2>Cluster sizes (head {ctx.head}, K = {ctx.k})</h2>"]

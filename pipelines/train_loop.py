@@ -44,6 +44,7 @@ from pipelines.warm_start import WarmStart
 from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
+from secu.diagnose import collapse_from_stats
 from secu.network import SeCuNetwork
 from secu.optim import build_optimizer, set_learning_rates
 from secu.schedules import lr_schedule
@@ -120,6 +121,22 @@ def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[
             metrics["epoch"], h, k, 100 * metrics[f"clusters/h{h}/largest_batch_share"],
             100 * metrics[f"clusters/h{h}/changed_frac"], exp.secu.dual_lr * exp.secu.lratio / k)
     return heads
+
+
+def collapsed_heads(metrics: dict[str, Any], exp: ExperimentConfig, num_samples: int) -> list[str]:
+    """Warnings (``secu.diagnose``) for heads whose memory has empty clusters or one cluster holding most of
+    the images at this epoch's end; none during the warm-up, when clusters are still forming."""
+    if metrics["epoch"] < exp.optim.warmup_epochs:
+        return []
+    out = []
+    for h, k in enumerate(exp.secu.ks):
+        labelled = round(metrics.get(f"clusters/h{h}/labelled_frac", 0.0) * num_samples)
+        msg = collapse_from_stats(h, k, int(metrics.get(f"clusters/h{h}/empty", 0)),
+                                  float(metrics.get(f"clusters/h{h}/max_size_frac", 0.0)), labelled,
+                                  where=f"the training memory after epoch {metrics['epoch']}")
+        if msg:
+            out.append(msg)
+    return out
 
 
 def _quiet_ray_report_log() -> None:
@@ -278,6 +295,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(coordinator.end_epoch(
                 [c.numpy() for c in state.counters], [d.numpy() for d in state.duals]))
             warn_if_duals_cycle(metrics, exp)
+            for msg in collapsed_heads(metrics, exp, num_samples):
+                logger.warning("%s", msg)
         state = state.at_epoch_end(exp.secu.constraint)
         history.append(metrics)
         save_now = ((epoch + 1) % job.compute.checkpoint_every == 0 or epoch == exp.optim.epochs - 1

@@ -6,6 +6,7 @@ any Ray work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pipelines.job_config import TrainJobConfig
 from pipelines.storage import StorageConfig
 from pipelines.train_loop import train_loop_per_worker
 from pipelines.warm_start import WarmStart, prepare_warm_start
+from secu.adapt import adapt_to_collection
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class TrainOutcome:
     checkpoint_path: str | None
     metrics: dict[str, Any]
     epochs_run: int
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Collapse warnings for the last epoch (empty clusters, one cluster holding most images)."""
 
 
 def run_training(job: TrainJobConfig, storage: StorageConfig, *, init_from: str | None = None) -> TrainOutcome:
@@ -53,6 +57,7 @@ def run_training(job: TrainJobConfig, storage: StorageConfig, *, init_from: str 
     """
     storage.check_reachable()
     info: DatasetInfo = load_dataset_info(storage, job.dataset)
+    job = adapt_job(job, info.num_samples)
     if info.num_samples < job.experiment.optim.batch_size:
         raise ValueError(
             f"dataset {job.dataset!r} has {info.num_samples} images, fewer than the global batch "
@@ -110,7 +115,24 @@ def run_training(job: TrainJobConfig, storage: StorageConfig, *, init_from: str 
     checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
     metrics = dict(result.metrics or {})
     return TrainOutcome(run_id=job.run_id, checkpoint_path=checkpoint_path, metrics=metrics,
-                        epochs_run=int(metrics.get("epoch", -1)) + 1)
+                        epochs_run=int(metrics.get("epoch", -1)) + 1,
+                        warnings=final_warnings(job, metrics, info.num_samples))
+
+
+def adapt_job(job: TrainJobConfig, num_samples: int) -> TrainJobConfig:
+    """``job`` with the schedule adapted to the collection (``secu.adapt``), logged; the run id is kept."""
+    adapted = adapt_to_collection(job.experiment, num_samples, job.compute.num_workers)
+    logger.info("run %s: %s", job.run_id, adapted.describe(num_samples))
+    if not adapted.changes:
+        return job
+    return dataclasses.replace(job, experiment=adapted.experiment)
+
+
+def final_warnings(job: TrainJobConfig, metrics: dict[str, Any], num_samples: int) -> list[str]:
+    """Collapse warnings (``secu.diagnose``) for the last epoch's memory, for the job's final lines."""
+    from pipelines.train_loop import collapsed_heads  # imports torch-heavy code only when needed
+
+    return collapsed_heads(metrics, job.experiment, num_samples) if "epoch" in metrics else []
 
 
 def _warm_start(job: TrainJobConfig, storage: StorageConfig, init_from: str, num_samples: int) -> WarmStart | None:

@@ -119,7 +119,9 @@ class OptimConfig:
     epochs: int = 401
     """E, total epochs including epoch 0, which only initialises centers and labels (lr = 0)."""
     warmup_epochs: int = 11
-    """Epochs 1..warmup_epochs-1 warm the encoder lr up linearly; cosine decay afterwards."""
+    """Epochs init_epochs..warmup_epochs-1 warm the encoder lr up linearly; cosine decay afterwards."""
+    init_epochs: int = 1
+    """Epochs at the start with encoder lr 0, which only initialise centers and labels (the paper: 1)."""
     batch_size: int = 128
     """Global batch G across all workers."""
     mixed_precision: bool = True
@@ -138,6 +140,10 @@ class OptimConfig:
         _require(
             1 <= self.warmup_epochs <= self.epochs,
             f"optim.warmup_epochs={self.warmup_epochs} must lie in [1, optim.epochs={self.epochs}]",
+        )
+        _require(
+            1 <= self.init_epochs <= self.warmup_epochs,
+            f"optim.init_epochs={self.init_epochs} must lie in [1, optim.warmup_epochs={self.warmup_epochs}]",
         )
         _require(self.batch_size >= 2, f"optim.batch_size={self.batch_size} must be >= 2")
 
@@ -192,6 +198,66 @@ class AugmentConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Schedule defaults derived from the collection's size (``secu.adapt``; docs/benchmarks.md,
+    "Robustness"). Applied when the number of images is known, to the keys not listed in ``fixed``."""
+
+    enabled: bool = True
+    """Derive optim.batch_size, optim.epochs and optim.warmup_epochs from N (false: use them as given)."""
+    min_steps: int = 2500
+    """Optimizer steps a run makes at least (the 60,000-image CPU recipe makes 2,808)."""
+    min_warmup_steps: int = 120
+    """Steps of the encoder's linear learning-rate warm-up at least (the 60,000-image recipe makes 234)."""
+    min_steps_per_epoch: int = 64
+    """The batch is halved while an epoch would have fewer steps than this."""
+    min_batch: int = 64
+    """The adapted batch never goes below this (nor below 2 x the largest K)."""
+    fixed: tuple[str, ...] = ()
+    """Keys the user set explicitly (filled by the jobs from --set and the config file); kept as given."""
+
+    def __post_init__(self) -> None:
+        self.fixed = tuple(str(k) for k in self.fixed if str(k))
+        _require(self.min_steps >= 1, f"adapt.min_steps={self.min_steps} must be >= 1")
+        _require(self.min_warmup_steps >= 0, f"adapt.min_warmup_steps={self.min_warmup_steps} must be >= 0")
+        _require(self.min_steps_per_epoch >= 1, f"adapt.min_steps_per_epoch={self.min_steps_per_epoch} must be >= 1")
+        _require(self.min_batch >= 2, f"adapt.min_batch={self.min_batch} must be >= 2")
+
+
+@dataclass
+class SelfLabelConfig:
+    """Self-labeling, the fine-tuning stage after clustering (``secu.self_label``; SCAN, ECCV 2020)."""
+
+    head: int = 0
+    """The head fine-tuned (its centers are the classifier; the other heads are left as they are)."""
+    threshold: float = 0.99
+    """With per_cluster_frac = 0: an instance is confident when its top probability softmax(z C_h / tw) on
+    the weak view exceeds this (SCAN's rule)."""
+    per_cluster_frac: float = 0.5
+    """> 0: the confident set is, in each cluster of the batch, this share of its most confident members
+    (every cluster keeps some; ``secu.self_label.select_per_cluster``)."""
+    epochs: int = 10
+    """Passes over the collection."""
+    lr: float = 1e-4
+    """AdamW learning rate (encoder and the head's centers)."""
+    weight_decay: float = 1e-4
+    """AdamW (decoupled) weight decay."""
+    batch_size: int = 256
+    """Global batch."""
+    weak_min_crop: float = 0.8
+    """The weak view: RandomResizedCrop(scale=(weak_min_crop, 1)) and a flip, nothing else."""
+
+    def __post_init__(self) -> None:
+        _require(self.head >= 0, f"self_label.head={self.head} must be >= 0")
+        _require(0.0 < self.threshold < 1.0, f"self_label.threshold={self.threshold} must lie in (0, 1)")
+        _require(0.0 <= self.per_cluster_frac <= 1.0,
+                 f"self_label.per_cluster_frac={self.per_cluster_frac} must lie in [0, 1]")
+        _require(self.epochs >= 1, f"self_label.epochs={self.epochs} must be >= 1")
+        _require(self.lr > 0 and self.weight_decay >= 0, "self_label.lr must be > 0, weight_decay >= 0")
+        _require(self.batch_size >= 2, f"self_label.batch_size={self.batch_size} must be >= 2")
+        _require(0 < self.weak_min_crop <= 1, f"self_label.weak_min_crop={self.weak_min_crop} must lie in (0, 1]")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything the algorithm needs; saved into every checkpoint and output."""
 
@@ -201,10 +267,14 @@ class ExperimentConfig:
     secu: SeCuConfig = field(default_factory=SeCuConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    self_label: SelfLabelConfig = field(default_factory=SelfLabelConfig)
     seed: int = 0
     """Seed for initialisation and augmentation streams."""
 
     def __post_init__(self) -> None:
+        _require(self.self_label.head < len(self.secu.ks),
+                 f"self_label.head={self.self_label.head}: the config has {len(self.secu.ks)} heads (secu.ks)")
         _require(
             self.model.in_channels == self.augment.channels,
             f"model.in_channels={self.model.in_channels} differs from augment.channels="
@@ -269,7 +339,9 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             if not isinstance(value, Iterable):
                 raise ValueError(value)
             items = list(value)
-            kind = type(current[0]) if current else float
+            if not current:  # an empty default (adapt.fixed): keep the items' own types
+                return tuple(v.strip() if isinstance(v, str) else v for v in items)
+            kind = type(current[0])
             return tuple(kind(v) for v in items)
         return type(current)(value) if current is not None else value
     except (TypeError, ValueError) as err:

@@ -8,8 +8,9 @@ W = ``cfg.warmup_epochs`` (11 in the reference runs).
 
 Encoder (SeCu, ICCV 2023; authors' schedule):
 
-- epoch 0 (t < I): lr = 0. Epoch 0 only initialises centers and labels.
-- epochs 1 .. W-1 (I <= t < W I): linear warm-up, lr * max(1, t - I) / (W I - I).
+- epoch 0 (t < I): lr = 0. Epoch 0 only initialises centers and labels. With Z = ``cfg.init_epochs``
+  > 1 (the adaptation to small collections, ``secu.adapt``) the first Z epochs do: t < Z I.
+- epochs Z .. W-1 (Z I <= t < W I): linear warm-up, lr * max(1, t - Z I) / (W I - Z I).
 - afterwards (t >= W I): cosine decay, lr * (1 + cos(pi (t - W I) / (E I - W I))) / 2.
 
 Centers: constant ``clr``, or ``cosine_rise`` = clr * (1 - cos(pi t / (E I))) / 2 (ImageNet with the
@@ -52,11 +53,11 @@ def encoder_lr(t: int, iters_per_epoch: int, cfg: OptimConfig) -> float:
         The learning rate.
     """
     _check(t, iters_per_epoch)
-    i, e, w = iters_per_epoch, cfg.epochs, cfg.warmup_epochs
-    if t < i:
+    i, e, w, z = iters_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.init_epochs
+    if t < z * i:
         return 0.0
-    if t < w * i:  # only reachable when W >= 2, so W I - I >= I > 0
-        return cfg.lr * max(1, t - i) / (w * i - i)
+    if t < w * i:  # only reachable when W > Z, so W I - Z I >= I > 0
+        return cfg.lr * max(1, t - z * i) / (w * i - z * i)
     decay_iters = e * i - w * i
     if decay_iters <= 0 or t >= e * i:
         return 0.0
@@ -87,12 +88,12 @@ def lr_schedule(iters_per_epoch: int, cfg: OptimConfig) -> tuple[np.ndarray, np.
         ``encoder_lr(t, ...)`` and ``center_lr(t, ...)``.
     """
     _check(0, iters_per_epoch)
-    i, e, w = iters_per_epoch, cfg.epochs, cfg.warmup_epochs
+    i, e, w, z = iters_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.init_epochs
     t = np.arange(e * i, dtype=np.float64)
     enc = np.zeros_like(t)
-    warm = (t >= i) & (t < w * i)
+    warm = (t >= z * i) & (t < w * i)
     if warm.any():
-        enc[warm] = cfg.lr * np.maximum(1.0, t[warm] - i) / (w * i - i)
+        enc[warm] = cfg.lr * np.maximum(1.0, t[warm] - z * i) / (w * i - z * i)
     decay = t >= w * i
     if decay.any():  # non-empty only when E > W, so E I - W I > 0
         enc[decay] = cfg.lr * (1.0 + np.cos(np.pi * (t[decay] - w * i) / (e * i - w * i))) / 2.0

@@ -165,7 +165,7 @@ def test_augment_quick(tmp_path: Path) -> None:
 
 def test_small_data_stability_quick(tmp_path: Path) -> None:
     data = run_quick("small_data_stability", tmp_path)
-    assert set(data["variants"]) == {"reference", "dual_lr_0.03"}
+    assert set(data["variants"]) == {"adapted", "paper_schedule"}
     for variant in data["variants"].values():
         assert variant["seeds"] == 2 and len(variant["runs"]) == 2
         assert 0 <= variant["settled"] + variant["cycling"] <= 2 and 0 <= variant["merged"] <= 2
@@ -174,3 +174,14 @@ def test_small_data_stability_quick(tmp_path: Path) -> None:
             assert len(run["changed_last"]) == 3 and all(0.0 <= c <= 1.0 for c in run["changed_last"])
             assert sum(run["published_sizes"]) == 192 and 1 / 3 <= run["largest_batch_share"] <= 1.0
             assert run["settled"] == (max(run["changed_last"]) < 0.05) and math.isfinite(run["margin"])
+
+
+def test_robustness_quick(tmp_path: Path) -> None:
+    data = run_quick("robustness", tmp_path)
+    assert list(data["rows"]) == ["pattern-3"]
+    row = data["rows"]["pattern-3"]
+    assert row["seeds"] == 1 and 0 <= row["seeds_at_or_above_kmeans"] <= 1
+    (run,) = data["runs"]["pattern-3"]
+    assert run["n"] == 192 and sum(run["published_sizes"]) == 192
+    for who in ("secu", "kmeans", "secu_memory"):
+        assert 0.0 <= run[who]["acc"] <= 1.0 and 0.0 <= run[who]["nmi"] <= 1.0

@@ -40,6 +40,17 @@ def test_train_config_resolution(tmp_path: Path) -> None:
     assert other.run_id != job.run_id
 
 
+def test_keys_the_user_sets_are_kept_by_the_adaptation(tmp_path: Path) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("recipe: fashion-mnist-cpu\nexperiment:\n  optim:\n    epochs: 3\n")
+    args = train_job.build_parser().parse_args(
+        ["--config", str(cfg), "--set", "experiment.optim.batch_size=32", "--set", "optim.lr=0.05", "--storage", "x"])
+    job = train_job.resolve_job(args)
+    assert job.experiment.adapt.fixed == ("optim.batch_size", "optim.epochs")  # lr is not adapted
+    plain = train_job.resolve_job(train_job.build_parser().parse_args(["--storage", "x"]))
+    assert plain.experiment.adapt.fixed == () and plain.experiment.adapt.enabled
+
+
 def test_bad_config_fails_before_any_work(tmp_path: Path) -> None:
     code = train_job.main(["--recipe", "fashion-mnist-cpu", "--set", "optim.batch_size=255",
                            "--storage", str(tmp_path)])

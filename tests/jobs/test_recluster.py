@@ -4,26 +4,14 @@ Tick t1 ingests 192 images and trains 30 epochs from scratch; 64 new images arri
 those, trains 3 epochs warm-started from t1, aligns its cluster ids to t1's and writes the drift summary.
 Then a third tick is refused while another holder has the series lock, and a completed tick id is refused.
 
-What "stable ids" can mean at this scale. t1's clustering is itself not reproducible: 192 images give 6
-steps per epoch, and SeCu's size-constraint duals move by up to dual_lr * lratio / K = 0.03 per step,
-more than the cost margins between centers in some runs (the tiny network puts all features in a narrow
-cone). Then the duals lock into a cycle that hands each step's batch to one cluster after another, and
-two classes can end on one center (published sizes 64/128/0). ``python -m benchmarks.small_data_stability``
-(one process, the same data and settings, 12 seeds): 8 settled, 3 cycled, 2 published merged clusters
-(docs/benchmarks.md, "Small-data stability"). Runs of this test on 2026-12-01 measured agreements t1 -> t2
-of 1.000, 1.000, 0.667 (t1 had merged two classes, t2 separated them), 0.615 (t1 sizes 64/10/118) and
-0.667 (t1 and t2 each merged a different pair of classes); with the assertions below, 1.000 (t1 settled) and
-0.667 (t1 cycling: all labels changed in its last epoch, batch share 1.0, and the training log warned).
-
-So the test asserts what reclustering owes the user in either case. Always: every t1 cluster that
-persists into t2 (>= 90 % of its images stay together and make >= 90 % of their t2 cluster's old
-images) keeps its id, and the drift summary reports the share that changed. When t1 settled by its own
-metrics (under 5 % of its labels changed in its last epoch; 8 of 12 seeds in the benchmark): all of
-its clusters persist and >= 90 % of the old images keep their id (measured 1.000 twice). When t1 did
-not settle, its clusters cannot be stable (a cycling t1 publishes wherever its cycle stopped, and the
-drift shows it; the training loop warns about cycling duals), so only the first part is asserted. Ids
-of clusters that split or merge follow the center match (Hungarian on center similarity), which need
-not be the relabelling with the best agreement: in the 0.615 run the best relabelling scored 0.719.
+Stable ids need a t1 that settles. With the recipe's schedule (warm-up over epoch 1: 6 steps at 192 images
+and batch 32) t1 often did not: the encoder reached its full learning rate within a dozen steps, the
+size-constraint duals locked into a cycle and two classes could end on one center (8 of 12 seeds settled
+in ``benchmarks.small_data_stability``; runs of this test measured agreements 0.615 and 0.667). The
+schedule now adapts to the collection (``secu.adapt``): the batch and the epochs are this test's, and the
+warm-up grows to 21 epochs (120 steps). ``python -m benchmarks.small_data_stability``: 24 of 24 seeds
+settled, and 24 of 24 further seeds (docs/benchmarks.md, "Small-data stability"). So the test asserts that
+t1 settled and that every t1 cluster keeps its id in t2 with >= 90 % of the old images keeping theirs.
 """
 
 from __future__ import annotations
@@ -164,11 +152,12 @@ def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfi
           f"head-0 agreement t1 -> t2 on the 192 old images: {agreement:.3f} (best relabelling {optimal:.3f}); "
           f"t1 sizes {np.bincount(before, minlength=3).tolist()}, t2 sizes on them "
           f"{np.bincount(now, minlength=3).tolist()}; persisting clusters (t1 id -> t2 id): {persisting}")
+    assert settled, f"t1 did not settle: {last['clusters/h0/changed_frac']:.3f} of its labels changed last epoch"
+    assert np.unique(before).size == 3  # three clusters for three classes
     assert all(old == new for old, new in persisting.items()), persisting
-    if settled:
-        assert sorted(persisting) == np.unique(before).tolist(), persisting  # every t1 cluster persisted
-        assert agreement >= SETTLED_AGREEMENT, agreement
-    assert 1 / 3 <= last["clusters/h0/largest_batch_share"] <= 1.0
+    assert sorted(persisting) == np.unique(before).tolist(), persisting  # every t1 cluster persisted
+    assert agreement >= SETTLED_AGREEMENT, agreement
+    assert 1 / 3 <= last["clusters/h0/largest_batch_share"] <= 0.5
 
     drift = json.loads(storage.read_bytes("runs/lake-t2/drift.json"))
     assert drift["previous_run_id"] == "lake-t1" and drift["source"] == "assignments"

@@ -46,3 +46,17 @@ def test_no_warning_without_the_signature(epoch: int, share: float, changed: flo
     with caplog.at_level(logging.WARNING):
         assert warn_if_duals_cycle(metrics(epoch, (share,), (changed,)), exp) == []
     assert "cycle" not in caplog.text
+
+
+def test_collapsed_memory_is_named_after_the_warm_up_under_either_constraint() -> None:
+    from pipelines.train_loop import collapsed_heads
+
+    for constraint in ("size", "entropy"):
+        exp = recipe("fashion-mnist-cpu")
+        exp.secu.ks, exp.secu.constraint = (10, 20), constraint
+        row = {"epoch": 5, "clusters/h0/empty": 4.0, "clusters/h0/max_size_frac": 0.9, "clusters/h0/labelled_frac": 1.0,
+               "clusters/h1/empty": 0.0, "clusters/h1/max_size_frac": 0.08, "clusters/h1/labelled_frac": 1.0}
+        (msg,) = collapsed_heads(row, exp, 2000)
+        assert msg.startswith("head 0 (K=10) collapsed in the training memory after epoch 5")
+        assert "4 of its 10 clusters are empty" in msg and "90% of the 2000 images" in msg
+        assert collapsed_heads(row | {"epoch": 1}, exp, 2000) == []  # still in the warm-up (2 epochs)

@@ -57,6 +57,10 @@ def test_hand_made_assignment_gives_known_acc_nmi_ari(tmp_path: Path) -> None:
     assert protocol["dataset"] == "tiny" and protocol["splits"] == ["train"]
     assert protocol["rows"] == 4 and protocol["labelled_rows"] == 4 and protocol["primary_head"] == 0
     assert protocol["checkpoint_epoch"] == 7
+    # Head 1 left one of its 3 clusters empty: the evaluation says so in words, in the file and the table.
+    (warning,) = result["warnings"]
+    assert warning.startswith("head 1 (K=3) collapsed in the published output") and "1 of its 3 clusters" in warning
+    assert "WARNING: head 1 (K=3)" in format_table(result)
 
 
 def test_metrics_file_matches_sklearn_and_includes_history(tmp_path: Path) -> None:

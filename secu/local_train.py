@@ -1,0 +1,204 @@
+"""A whole SeCu run in one process over images held in memory (no Ray).
+
+The same parts as the Ray training loop (``pipelines.train_loop``): the network of the config,
+``secu_step``, the optimizer and its per-iteration schedule, the batched two-view augmentation, one
+epoch-start center snapshot, the stored label of the previous epoch. It is what the benchmarks
+(``benchmarks.robustness``, ``benchmarks.small_data_stability``) and the training-run tests use to
+train hundreds of small runs without a cluster's start-up cost, and a reference a user can run on a
+laptop sample. Each epoch visits the images in a fresh random order; the last partial batch is not
+trained on (as in the Ray loop).
+
+Legend: N = images, H = heads, K = clusters of one head, B = batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from secu.augment import EvalTransform, eval_batch, normalize
+from secu.batch_augment import BatchTwoViewAugment
+from secu.config import ExperimentConfig
+from secu.model import Encoder
+from secu.network import SeCuNetwork
+from secu.optim import build_optimizer, set_learning_rates
+from secu.schedules import lr_schedule
+from secu.state import ClusterState, LocalMemory
+from secu.step import secu_step
+
+
+def build_network(experiment: ExperimentConfig) -> SeCuNetwork:
+    """The network of a config, initialised deterministically from its seed (same on every rank)."""
+    torch.manual_seed(experiment.seed)
+    encoder = Encoder(experiment.model)
+    generator = torch.Generator().manual_seed(experiment.seed + 1)
+    return SeCuNetwork(encoder, experiment.model.feat_dim, experiment.secu.ks, generator=generator)
+
+
+@dataclass
+class LocalRun:
+    """The end state of a run: network, memory, state and one metrics dict per epoch."""
+
+    net: SeCuNetwork
+    memory: LocalMemory
+    state: ClusterState
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None, init_centers: bool = False
+                    ) -> LocalRun:
+    """Train ``exp`` on ``images`` (N x S x S or N x S x S x C uint8) with global batch ``optim.batch_size``.
+
+    ``log``, when given, is called with every epoch's metrics dict.
+    """
+    n = len(images)
+    batch = exp.optim.batch_size
+    iters = n // batch
+    if iters < 1:
+        raise ValueError(f"{n} images are fewer than one batch of optim.batch_size={batch}")
+    torch.manual_seed(exp.seed)
+    order_gen = torch.Generator().manual_seed(exp.seed + 2)
+    net = build_network(exp)
+    if init_centers:
+        init_centers_from_data(net, images, exp)
+    opt = build_optimizer(net.encoder.parameters(), net.centers.parameters(), exp.optim)
+    aug = BatchTwoViewAugment(exp.augment)
+    mean, std = exp.augment.mean, exp.augment.std
+    lrs, clrs = lr_schedule(iters, exp.optim)
+    heads = exp.secu.num_heads
+    state, memory = ClusterState.create(exp.secu.ks), LocalMemory(n, heads)
+    run = LocalRun(net, memory, state)
+    for epoch in range(exp.optim.epochs):
+        net.train()
+        snapshot = net.centers.snapshot()
+        order = torch.randperm(n, generator=order_gen)
+        before_HN = memory.labels_HN.clone()
+        shares_HS: list[list[float]] = [[] for _ in range(heads)]
+        loss_sum = 0.0
+        for it in range(iters):
+            t = epoch * iters + it
+            set_learning_rates(opt, float(lrs[t]), float(clrs[t]))
+            ids = order[it * batch:(it + 1) * batch]
+            v1, v2 = aug([images[i] for i in ids.tolist()], seed=exp.seed * 1_000_003 + t)
+            prev = None if epoch == 0 else memory.read(ids)
+            res = secu_step(net, normalize(torch.from_numpy(v1), mean, std),
+                            normalize(torch.from_numpy(v2), mean, std), ids, prev, snapshot, state, exp.secu)
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            opt.step()
+            memory.write(ids, res.labels_HB)
+            state = res.state
+            loss_sum += float(res.loss.detach())
+            for h, share in enumerate(res.largest_share_H):
+                shares_HS[h].append(share)
+        metrics: dict[str, Any] = {"epoch": epoch, "train/loss": loss_sum / iters, "train/steps": iters}
+        for h, k in enumerate(exp.secu.ks):
+            labels = memory.labels_HN[h]
+            seen = labels >= 0
+            sizes = np.bincount(labels[seen].numpy(), minlength=k)
+            metrics[f"clusters/h{h}/changed_frac"] = (
+                float((before_HN[h][seen] != labels[seen]).float().mean()) if epoch else 1.0)
+            metrics[f"clusters/h{h}/largest_batch_share"] = float(np.median(shares_HS[h]))
+            metrics[f"clusters/h{h}/empty"] = int((sizes == 0).sum())
+            metrics[f"clusters/h{h}/largest_frac"] = float(sizes.max() / max(1, sizes.sum()))
+        state = state.at_epoch_end(exp.secu.constraint)
+        run.history.append(metrics)
+        if log is not None:
+            log(metrics)
+    run.state = state
+    return run
+
+
+@torch.no_grad()
+def predict(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, batch: int = 1024
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Published labels (H x N, argmax of the evaluation view against the centers, as inference) and
+    the softmax confidence at the center temperature (H x N)."""
+    net.eval()
+    transform = EvalTransform(exp.augment)
+    labels, confs = [], []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(eval_batch(transform, list(images[start:start + batch])))
+        z, _ = net.encoder(normalize(x, exp.augment.mean, exp.augment.std))
+        lab_H, conf_H = [], []
+        for h in range(net.centers.num_heads):
+            sims = z @ net.centers.normalized(h)
+            prob = torch.softmax(sims / exp.secu.tw, dim=1)
+            conf, lab = prob.max(dim=1)
+            lab_H.append(lab.numpy())
+            conf_H.append(conf.numpy())
+        labels.append(np.stack(lab_H))
+        confs.append(np.stack(conf_H))
+    net.train()
+    return np.concatenate(labels, axis=1), np.concatenate(confs, axis=1)
+
+
+@torch.no_grad()
+def init_centers_from_data(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, sample: int = 4096
+                           ) -> None:
+    """Set every head's centers to spherical k-means centers of the initial network's features of a
+    sample of the images (evaluation transform, network in eval mode)."""
+    from secu.centers import spherical_kmeans
+    gen = torch.Generator().manual_seed(exp.seed + 3)
+    pick = torch.randperm(len(images), generator=gen)[:sample].numpy()
+    x = torch.from_numpy(eval_batch(EvalTransform(exp.augment), list(images[pick])))
+    was_training = net.training
+    net.train()  # batch statistics: the running statistics of a fresh network are 0 / 1
+    z, _ = net.encoder(normalize(x, exp.augment.mean, exp.augment.std))
+    net.train(was_training)
+    for h, k in enumerate(exp.secu.ks):
+        net.centers.weights[h].data.copy_(spherical_kmeans(z, k, gen))
+
+
+def weak_augment_config(exp: ExperimentConfig) -> Any:
+    """The weak view of self-labeling: a mild crop and a flip, no colour, blur or solarize."""
+    import dataclasses
+
+    return dataclasses.replace(exp.augment, min_crop=exp.self_label.weak_min_crop, jitter_p=0.0, grayscale_p=0.0,
+                               blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+
+
+def self_label_in_memory(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, *, log: Any = None
+                         ) -> list[dict[str, Any]]:
+    """Fine-tune ``net`` in place by self-labeling (``secu.self_label``); returns one metrics dict per epoch.
+
+    The strong view is the recipe's second view; the weak one ``weak_augment_config``.
+    """
+    from secu.self_label import HeadClassifier, self_label_step
+
+    sl = exp.self_label
+    n, batch = len(images), min(sl.batch_size, len(images))
+    iters = n // batch
+    gen = torch.Generator().manual_seed(exp.seed + 5)
+    classifier = HeadClassifier(net, sl.head, exp.secu.tw)
+    opt = torch.optim.AdamW(classifier.parameters(), lr=sl.lr, weight_decay=sl.weight_decay)
+    weak_aug, strong_aug = BatchTwoViewAugment(weak_augment_config(exp)), BatchTwoViewAugment(exp.augment)
+    mean, std = exp.augment.mean, exp.augment.std
+    history = []
+    net.train()
+    for epoch in range(sl.epochs):
+        order = torch.randperm(n, generator=gen)
+        loss_sum, conf_sum = 0.0, 0.0
+        for it in range(iters):
+            ids = order[it * batch:(it + 1) * batch].tolist()
+            chosen = [images[i] for i in ids]
+            t = epoch * iters + it
+            weak, _ = weak_aug(chosen, seed=exp.seed * 7_000_003 + t)
+            _, strong = strong_aug(chosen, seed=exp.seed * 9_000_011 + t)
+            res = self_label_step(classifier, normalize(torch.from_numpy(weak), mean, std),
+                                  normalize(torch.from_numpy(strong), mean, std), sl.threshold,
+                                  sl.per_cluster_frac)
+            if res.confident_frac > 0:  # nothing confident: no gradient, and no decay step either
+                opt.zero_grad(set_to_none=True)
+                res.loss.backward()
+                opt.step()
+            loss_sum += float(res.loss.detach())
+            conf_sum += res.confident_frac
+        metrics = {"epoch": epoch, "self_label/loss": loss_sum / iters, "self_label/confident_frac": conf_sum / iters}
+        history.append(metrics)
+        if log is not None:
+            log(metrics)
+    return history
