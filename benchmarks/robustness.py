@@ -27,6 +27,7 @@ setting was chosen by them.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import LoadProbe, base_parser, print_table, start_result, summarize, write_result
+from benchmarks.common import LoadProbe, _jsonable, base_parser, print_table, start_result, summarize, write_result
 
 NAME = "robustness"
 BASELINE = "kmeans"
@@ -82,15 +83,18 @@ def row_data(row: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
     return images[pick], labels[pick], True
 
 
-def experiment(row: str, seed: int, num_samples: int, quick: bool) -> tuple[Any, list[str]]:
-    """The default recipe for this row, adapted to its size as the training job adapts it."""
+def experiment(row: str, seed: int, num_samples: int, quick: bool, overrides: tuple[str, ...] = ()
+               ) -> tuple[Any, list[str]]:
+    """The default recipe for this row (with ``overrides``, none by default), adapted to its size as the
+    training job adapts it."""
     from secu.adapt import adapt_to_collection
-    from secu.config import recipe
+    from secu.config import apply_overrides, recipe
 
     exp = recipe("fashion-mnist-cpu")
     exp.seed = seed
     if row == "pattern-3":
         exp.secu.ks = (3, 6)
+    exp = apply_overrides(exp, overrides)
     if quick:
         exp.adapt.min_steps, exp.adapt.min_warmup_steps = 12, 4
     adapted = adapt_to_collection(exp, num_samples)
@@ -115,16 +119,18 @@ def head_figures(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, float]:
                                            "largest_frac": float(sizes.max() / len(pred))}
 
 
-def one_run(row: str, seed: int, quick: bool) -> dict[str, Any]:
-    """Train one seed of one row and score it and k-means; returns the JSON record."""
+def one_run(row: str, seed: int, quick: bool, overrides: tuple[str, ...] = (), self_label: bool = False
+            ) -> dict[str, Any]:
+    """Train one seed of one row and score it and k-means (and, with ``self_label``, the run after the
+    self-labeling stage with the config's ``self_label.*``); returns the JSON record."""
     from secu.diagnose import collapse_message
-    from secu.local_train import predict, train_in_memory
+    from secu.local_train import predict, self_label_in_memory, train_in_memory
 
     torch.set_num_threads(1)
     images, labels, balanced = row_data(row, seed)
     if quick:
         images, labels = images[:256], labels[:256]
-    exp, changes = experiment(row, seed, len(images), quick)
+    exp, changes = experiment(row, seed, len(images), quick, overrides)
     k = exp.secu.ks[0]
     t0 = time.perf_counter()
     run = train_in_memory(images, exp)
@@ -135,6 +141,12 @@ def one_run(row: str, seed: int, quick: bool) -> dict[str, Any]:
     kmeans_s = time.perf_counter() - t1
     last = run.history[-1]
     secu = head_figures(labels, pred_HN[0], k)
+    extra: dict[str, Any] = {}
+    if self_label:
+        t2 = time.perf_counter()
+        sl_history = self_label_in_memory(run.net, images, exp)
+        extra = {"secu_self_label": head_figures(labels, predict(run.net, images, exp)[0][0], k),
+                 "self_label_s": time.perf_counter() - t2, "self_label_history": sl_history}
     memory = head_figures(labels, run.memory.labels_HN[0].numpy().astype(np.int64), k)
     return {"row": row, "seed": seed, "n": len(images), "balanced": balanced, "k": k,
             "class_sizes": np.bincount(labels).tolist(), "adapted": changes,
@@ -144,13 +156,15 @@ def one_run(row: str, seed: int, quick: bool) -> dict[str, Any]:
             "last_changed_frac": last["clusters/h0/changed_frac"],
             "last_batch_share": last["clusters/h0/largest_batch_share"],
             "warning": collapse_message(0, np.bincount(pred_HN[0], minlength=k), where="the published labels"),
-            "published_sizes": np.bincount(pred_HN[0], minlength=k).tolist()}
+            "published_sizes": np.bincount(pred_HN[0], minlength=k).tolist(), **extra}
 
 
 def row_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians and ranges over the seeds, and whether the row meets the targets on every seed."""
     out: dict[str, Any] = {"n": runs[0]["n"], "seeds": len(runs), "balanced": runs[0]["balanced"]}
-    for who in ("secu", "kmeans", "secu_memory"):
+    for who in ("secu", "kmeans", "secu_memory", "secu_self_label"):
+        if who not in runs[0]:
+            continue
         out[who] = {m: summarize([r[who][m] for r in runs])
                     for m in ("acc", "nmi", "ari", "empty", "largest_over_fair")}
     out["train_s"] = summarize([r["train_s"] for r in runs])
@@ -166,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=None, choices=ROWS)
     parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default 3; quick 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes of 1 thread)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change the recipe before adaptation (diagnosis only; the claim is without any), "
+                             "e.g. --set adapt.enabled=false --set optim.epochs=50")
+    parser.add_argument("--self-label", action="store_true",
+                        help="also run the self-labeling stage after each training and score it")
     args = parser.parse_args(argv)
     rows = args.rows or (["pattern-3"] if args.quick else list(ROWS))
     seeds = args.seeds or (1 if args.quick else 3)
@@ -173,22 +192,37 @@ def main(argv: list[str] | None = None) -> int:
     load = LoadProbe()
     tasks = [(row, seed) for row in rows for seed in range(seeds)]
     records: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(row, seed): pool.submit(one_run, row, seed, args.quick) for row, seed in tasks}
-        for (row, seed), future in futures.items():
-            rec = future.result()
+    # Every finished run is appended to <out>.runs.jsonl at once, and a rerun with the same --out takes the
+    # runs recorded there instead of training them again (a long run that dies loses nothing).
+    done_path = args.out.with_suffix(".runs.jsonl")
+    done = {(r["row"], r["seed"]): r for r in map(json.loads, done_path.read_text().splitlines())} \
+        if done_path.exists() else {}
+    done_path.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool, done_path.open("a") as log:
+        futures = {(row, seed): pool.submit(one_run, row, seed, args.quick, tuple(args.overrides), args.self_label)
+                   for row, seed in tasks if (row, seed) not in done}
+        for row, seed in tasks:
+            if (row, seed) in done:
+                records[row].append(done[(row, seed)])
+                continue
+            rec = futures[(row, seed)].result()
+            log.write(json.dumps(_jsonable(rec)) + "\n")
+            log.flush()
             records[row].append(rec)
             print(f"  {row} seed {seed}: N {rec['n']}, batch {rec['batch_size']}, {rec['epochs']} epochs "
                   f"({rec['steps']} steps, {rec['train_s']:.0f} s): SeCu ACC {rec['secu']['acc']:.3f} NMI "
                   f"{rec['secu']['nmi']:.3f} empty {rec['secu']['empty']:.0f} largest/fair "
                   f"{rec['secu']['largest_over_fair']:.2f} | k-means ACC {rec['kmeans']['acc']:.3f} NMI "
-                  f"{rec['kmeans']['nmi']:.3f}", flush=True)
+                  f"{rec['kmeans']['nmi']:.3f}" + (f" | self-labeled ACC {rec['secu_self_label']['acc']:.3f} NMI "
+                                                   f"{rec['secu_self_label']['nmi']:.3f}" if args.self_label else ""),
+                  flush=True)
     summaries = {row: row_summary(runs) for row, runs in records.items()}
     table = [[row, s["n"], s["seeds"], s["secu"]["acc"]["median"], s["kmeans"]["acc"]["median"],
               s["secu"]["nmi"]["median"], s["kmeans"]["nmi"]["median"], s["secu"]["empty"]["max"],
               s["secu"]["largest_over_fair"]["max"], s["seeds_at_or_above_kmeans"], s["seeds_without_collapse"]]
              for row, s in summaries.items()]
     result["config"] = {"recipe": "fashion-mnist-cpu", "adapted": "secu.adapt defaults", "rows": rows, "seeds": seeds,
+                        "overrides": list(args.overrides), "self_label": args.self_label,
                         "threads_per_run": 1, "kmeans": "scikit-learn KMeans, k-means++, n_init=10, raw pixels / 255",
                         "long_tail_profile": "class c keeps n_max * R^(-c/9), classes in a random order per seed"}
     result["figure"] = "head-0 ACC/NMI of SeCu (published labels) vs k-means on the same pixels, per row and seed"

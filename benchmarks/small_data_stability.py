@@ -62,7 +62,9 @@ from tests.pipelines.run_builders import pattern_images
 
 NAME = "small_data_stability"
 BASELINE = "paper_schedule"
-VARIANTS = ("adapted", "paper_schedule", "temperature_0.1", "dual_lr_0.03", "entropy_alpha_20")
+VARIANTS = ("adapted", "paper_schedule", "temperature_0.1", "dual_lr_0.03", "entropy_alpha_20",
+            "adapted_temperature_0.1", "adapted_lratio_0.5", "adapted_entropy_alpha_20", "adapted_dual_lr_0.03",
+            "adapted_entropy")
 SETTLED, CYCLING, MERGED_ACC = 0.05, CYCLE_CHANGED_FRAC, 0.9
 
 
@@ -71,14 +73,19 @@ def experiment(variant: str, epochs: int, batch: int, seed: int, n: int = 192) -
     exp = apply_overrides(recipe("fashion-mnist-cpu"), [
         f"optim.epochs={epochs}", f"optim.batch_size={batch}", "model.cnn_width=8", "secu.ks=[3,6]", f"seed={seed}",
         "adapt.fixed=optim.batch_size,optim.epochs"])
-    if variant != "adapted":
+    if not variant.startswith("adapted"):
         exp.adapt.enabled = False
-    if variant == "temperature_0.1":
+    change = variant.removeprefix("adapted").removeprefix("_")
+    if change == "temperature_0.1":
         exp.secu.tx = exp.secu.tw = 0.1
-    elif variant == "dual_lr_0.03":
+    elif change == "dual_lr_0.03":
         exp.secu.dual_lr = 0.03
-    elif variant == "entropy_alpha_20":
+    elif change == "lratio_0.5":
+        exp.secu.lratio = 0.5
+    elif change == "entropy_alpha_20":
         exp.secu.constraint, exp.secu.alpha = "entropy", 20.0
+    elif change == "entropy":  # the recipe's alpha, adapted to N (0.12 x 192 = 23.04)
+        exp.secu.constraint = "entropy"
     elif variant not in ("adapted", "paper_schedule"):
         raise ValueError(f"unknown variant {variant!r}")
     return adapt_to_collection(exp, n).experiment

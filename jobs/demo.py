@@ -9,6 +9,7 @@ adds nothing twice and the training run continues from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         _step("evaluate", evaluate_job.main(["--run-id", args.run_id, "--dataset", dataset, *storage]))
     _step("report", report_job.main(["--run-id", args.run_id, "--dataset", "fashion-mnist-test", *storage]))
     run_dir = Path(args.storage).resolve() / "runs" / args.run_id
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
+    warnings = [w for path in sorted(run_dir.glob("metrics*.json"))
+                for w in json.loads(path.read_text()).get("warnings", [])]
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s"
+          + (f"; WARNING: {len(warnings)} collapsed head(s), see metrics*.json and the log" if warnings else ""))
     print(f"  assignments (Parquet): {run_dir}/assignments-*/")
     print(f"  metrics:               {run_dir}/metrics*.json")
     print(f"  report:                {run_dir}/report-fashion-mnist-test/index.html")

@@ -23,9 +23,7 @@ from typing import Any
 import torch
 
 from pipelines.job_config import TrainJobConfig
-from secu.config import ExperimentConfig
-from secu.model import Encoder
-from secu.network import SeCuNetwork
+from secu.network import SeCuNetwork, build_network
 from secu.state import ClusterState
 
 FORMAT_VERSION = 1
@@ -44,14 +42,6 @@ class TrainingState:
     epoch: int
     global_step: int
     job: dict[str, Any]
-
-
-def build_network(experiment: ExperimentConfig) -> SeCuNetwork:
-    """The network of a config, initialised deterministically from its seed (same on every rank)."""
-    torch.manual_seed(experiment.seed)
-    encoder = Encoder(experiment.model)
-    generator = torch.Generator().manual_seed(experiment.seed + 1)
-    return SeCuNetwork(encoder, experiment.model.feat_dim, experiment.secu.ks, generator=generator)
 
 
 def save_checkpoint(directory: str | os.PathLike[str], state: TrainingState,

@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from html import escape
@@ -254,8 +255,10 @@ def _curves(history: list[dict[str, Any]], head: int) -> str:
     def series(key: str) -> list[tuple[float, float | None]]:
         return [(float(e["epoch"]), e.get(key)) for e in history if "epoch" in e]
 
-    charts = [line_chart({k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")}
-                         | {"self-labeling": series("self_label/loss")}, "training loss", y_label="loss"),
+    losses: dict[str, Sequence[tuple[float, float | None]]] = {
+        k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")}
+    losses["self-labeling"] = series("self_label/loss")
+    charts = [line_chart(losses, "training loss", y_label="loss"),
               # Both high after the warm-up: the size-constraint duals cycle (train_loop.warn_if_duals_cycle).
               line_chart({f"h{head} changed": series(f"clusters/h{head}/changed_frac"),
                           f"h{head} batch share": series(f"clusters/h{head}/largest_batch_share"),

@@ -24,7 +24,7 @@ from pipelines.data import build_train_dataset
 from pipelines.dataset_info import DatasetInfo, load_dataset_info, load_manifest_labels
 from pipelines.job_config import TrainJobConfig
 from pipelines.storage import StorageConfig
-from pipelines.train_loop import train_loop_per_worker
+from pipelines.train_loop import collapsed_heads, train_loop_per_worker
 from pipelines.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection
 
@@ -130,8 +130,6 @@ def adapt_job(job: TrainJobConfig, num_samples: int) -> TrainJobConfig:
 
 def final_warnings(job: TrainJobConfig, metrics: dict[str, Any], num_samples: int) -> list[str]:
     """Collapse warnings (``secu.diagnose``) for the last epoch's memory, for the job's final lines."""
-    from pipelines.train_loop import collapsed_heads  # imports torch-heavy code only when needed
-
     return collapsed_heads(metrics, job.experiment, num_samples) if "epoch" in metrics else []
 
 

@@ -15,7 +15,12 @@ Rules, applied to every key the user did not set (``adapt.fixed`` lists the keys
    steps, never below ``max(adapt.min_batch, 2 * max K)``; kept a multiple of the worker count.
 2. ``optim.epochs``: raised so that the run makes at least ``adapt.min_steps`` optimizer steps.
 3. ``optim.warmup_epochs``: scaled with the epochs (the recipe's warm-up share of the run).
-4. ``optim.lr``: unchanged (measured: scaling it with the batch did not help at these sizes).
+4. ``secu.alpha`` (entropy constraint only): at most ``adapt.alpha_per_image * N``. The entropy term's
+   change for moving one image is of order 1/N (spec 3.2: delta_k = phi(p_k + 1/S) - phi(p_k)), so alpha
+   must scale with N to weigh the same against the costs; 0.12 is the CIFAR-10 reference's 6000 / 50,000
+   (ImageNet's 1e5 / 1.28M = 0.078 stays as it is). Without it, alpha 6000 on 192 images makes the
+   entropy term dominate every cost.
+5. ``optim.lr``: unchanged (measured: scaling it with the batch did not help at these sizes).
 
 The reference recipes (CIFAR, STL-10, ImageNet: hundreds of steps per epoch, 10^5 steps) are left as
 they are: adaptation only ever lowers a batch that gives too few steps per epoch and raises epochs
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 from secu.config import ExperimentConfig, apply_overrides
 
-ADAPTED_KEYS = ("optim.batch_size", "optim.epochs", "optim.warmup_epochs")
+ADAPTED_KEYS = ("optim.batch_size", "optim.epochs", "optim.warmup_epochs", "secu.alpha")
 
 
 @dataclass
@@ -72,9 +77,12 @@ def adapt_to_collection(exp: ExperimentConfig, num_samples: int, num_workers: in
     if "optim.epochs" not in fixed:
         epochs = max(o.epochs, math.ceil(a.min_steps / iters), warmup + (o.epochs - o.warmup_epochs))
     warmup = min(warmup, epochs)
+    alpha = exp.secu.alpha
+    if exp.secu.constraint == "entropy" and "secu.alpha" not in fixed:
+        alpha = min(alpha, a.alpha_per_image * num_samples)
     overrides = []
     for key, old, new in (("optim.batch_size", o.batch_size, batch), ("optim.epochs", o.epochs, epochs),
-                          ("optim.warmup_epochs", o.warmup_epochs, warmup)):
+                          ("optim.warmup_epochs", o.warmup_epochs, warmup), ("secu.alpha", exp.secu.alpha, alpha)):
         if new != old:
             overrides.append(f"{key}={new}")
             changes.append(f"{key} {old} -> {new}")

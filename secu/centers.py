@@ -36,31 +36,3 @@ class Centers(nn.Module):
         """H."""
         return len(self.ks)
 
-
-def spherical_kmeans(features_ND: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20
-                     ) -> torch.Tensor:
-    """K unit-length centers (D x K) of L2-normalised features by k-means++ seeding and Lloyd steps
-    on the cosine similarity. A cluster that empties takes the feature farthest from its center."""
-    x = F.normalize(features_ND.float(), dim=1)
-    n = x.shape[0]
-    if n < k:
-        raise ValueError(f"{n} features cannot seed {k} centers")
-    chosen = [int(torch.randint(n, (1,), generator=generator))]
-    dist_N = 1.0 - x @ x[chosen[0]]
-    for _ in range(1, k):
-        weights = dist_N.clamp_min(0) ** 2
-        pick = int(torch.multinomial(weights, 1, generator=generator)) if float(weights.sum()) > 0 else \
-            int(torch.randint(n, (1,), generator=generator))
-        chosen.append(pick)
-        dist_N = torch.minimum(dist_N, 1.0 - x @ x[pick])
-    c_KD = x[chosen].clone()
-    for _ in range(iters):
-        sims_NK = x @ c_KD.T
-        best_sim, assign = sims_NK.max(dim=1)
-        sums = torch.zeros_like(c_KD).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)
-        for j in torch.nonzero(counts == 0).flatten().tolist():
-            far = int(best_sim.argmin())
-            sums[j], best_sim[far] = x[far], 1.0
-        c_KD = F.normalize(sums, dim=1)
-    return c_KD.T.contiguous()

@@ -212,6 +212,8 @@ class AdaptConfig:
     """The batch is halved while an epoch would have fewer steps than this."""
     min_batch: int = 64
     """The adapted batch never goes below this (nor below 2 x the largest K)."""
+    alpha_per_image: float = 0.12
+    """Entropy constraint: secu.alpha is capped at this x N (CIFAR-10's reference 6000 / 50,000)."""
     fixed: tuple[str, ...] = ()
     """Keys the user set explicitly (filled by the jobs from --set and the config file); kept as given."""
 
@@ -221,6 +223,7 @@ class AdaptConfig:
         _require(self.min_warmup_steps >= 0, f"adapt.min_warmup_steps={self.min_warmup_steps} must be >= 0")
         _require(self.min_steps_per_epoch >= 1, f"adapt.min_steps_per_epoch={self.min_steps_per_epoch} must be >= 1")
         _require(self.min_batch >= 2, f"adapt.min_batch={self.min_batch} must be >= 2")
+        _require(self.alpha_per_image > 0, f"adapt.alpha_per_image={self.alpha_per_image} must be > 0")
 
 
 @dataclass

@@ -61,7 +61,8 @@ def collapse_from_stats(head: int, k: int, empty: int, largest_share: float, tot
             "optimizer steps for the collection (small collections, large batches, short schedules) or K "
             "far above the number of groups in the images. Keep adapt.enabled=true (the default derives "
             "batch size, epochs and warm-up from the number of images), or lower optim.batch_size, raise "
-            "optim.epochs, or choose a smaller K; see 'Robustness' in docs/benchmarks.md.")
+            "optim.epochs, or choose a smaller K; on a few hundred images secu.constraint=entropy settled more "
+            "often than the size constraint; see 'Robustness' in docs/benchmarks.md.")
 
 
 def collapse_messages(sizes_HK: Sequence[Sequence[int] | np.ndarray], *, where: str) -> list[str]:

@@ -22,20 +22,11 @@ import torch
 from secu.augment import EvalTransform, eval_batch, normalize
 from secu.batch_augment import BatchTwoViewAugment
 from secu.config import ExperimentConfig
-from secu.model import Encoder
-from secu.network import SeCuNetwork
+from secu.network import SeCuNetwork, build_network
 from secu.optim import build_optimizer, set_learning_rates
 from secu.schedules import lr_schedule
 from secu.state import ClusterState, LocalMemory
 from secu.step import secu_step
-
-
-def build_network(experiment: ExperimentConfig) -> SeCuNetwork:
-    """The network of a config, initialised deterministically from its seed (same on every rank)."""
-    torch.manual_seed(experiment.seed)
-    encoder = Encoder(experiment.model)
-    generator = torch.Generator().manual_seed(experiment.seed + 1)
-    return SeCuNetwork(encoder, experiment.model.feat_dim, experiment.secu.ks, generator=generator)
 
 
 @dataclass
@@ -48,8 +39,7 @@ class LocalRun:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None, init_centers: bool = False
-                    ) -> LocalRun:
+def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None) -> LocalRun:
     """Train ``exp`` on ``images`` (N x S x S or N x S x S x C uint8) with global batch ``optim.batch_size``.
 
     ``log``, when given, is called with every epoch's metrics dict.
@@ -62,8 +52,6 @@ def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = Non
     torch.manual_seed(exp.seed)
     order_gen = torch.Generator().manual_seed(exp.seed + 2)
     net = build_network(exp)
-    if init_centers:
-        init_centers_from_data(net, images, exp)
     opt = build_optimizer(net.encoder.parameters(), net.centers.parameters(), exp.optim)
     aug = BatchTwoViewAugment(exp.augment)
     mean, std = exp.augment.mean, exp.augment.std
@@ -134,23 +122,6 @@ def predict(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, batch: 
         confs.append(np.stack(conf_H))
     net.train()
     return np.concatenate(labels, axis=1), np.concatenate(confs, axis=1)
-
-
-@torch.no_grad()
-def init_centers_from_data(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, sample: int = 4096
-                           ) -> None:
-    """Set every head's centers to spherical k-means centers of the initial network's features of a
-    sample of the images (evaluation transform, network in eval mode)."""
-    from secu.centers import spherical_kmeans
-    gen = torch.Generator().manual_seed(exp.seed + 3)
-    pick = torch.randperm(len(images), generator=gen)[:sample].numpy()
-    x = torch.from_numpy(eval_batch(EvalTransform(exp.augment), list(images[pick])))
-    was_training = net.training
-    net.train()  # batch statistics: the running statistics of a fresh network are 0 / 1
-    z, _ = net.encoder(normalize(x, exp.augment.mean, exp.augment.std))
-    net.train(was_training)
-    for h, k in enumerate(exp.secu.ks):
-        net.centers.weights[h].data.copy_(spherical_kmeans(z, k, gen))
 
 
 def weak_augment_config(exp: ExperimentConfig) -> Any:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from secu.centers import Centers
+from secu.config import ExperimentConfig
+from secu.model import Encoder
 
 
 @dataclass
@@ -63,3 +65,11 @@ class SeCuNetwork(nn.Module):
         z, _ = self.encoder(images)
         z = z.float()
         return [z @ self.centers.normalized(h).float() for h in range(self.centers.num_heads)], z
+
+
+def build_network(experiment: ExperimentConfig) -> SeCuNetwork:
+    """The network of a config, initialised deterministically from its seed (same on every rank)."""
+    torch.manual_seed(experiment.seed)
+    encoder = Encoder(experiment.model)
+    generator = torch.Generator().manual_seed(experiment.seed + 1)
+    return SeCuNetwork(encoder, experiment.model.feat_dim, experiment.secu.ks, generator=generator)

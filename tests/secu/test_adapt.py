@@ -89,3 +89,13 @@ def test_collapse_messages() -> None:
     only_big = collapse_message(0, [460, 60, 60, 60, 60, 60, 60, 60, 60, 60], where="x")
     assert only_big is None  # 46 % of the images in one cluster is not over the 50 % limit
     assert len(collapse_messages([[1, 1], [0, 2]], where="x")) == 1
+
+
+def test_entropy_weight_scales_with_the_collection() -> None:
+    exp = apply_overrides(recipe("cifar10-entropy"), ["adapt.fixed=optim.batch_size,optim.epochs,optim.warmup_epochs"])
+    assert adapt_to_collection(exp, 50_000).experiment.secu.alpha == 6000.0  # 0.12 x 50,000: the reference
+    assert adapt_to_collection(exp, 192).experiment.secu.alpha == pytest.approx(0.12 * 192)
+    assert adapt_to_collection(recipe("imagenet1k-entropy"), 1_281_167).changes == []  # 1e5 < 0.12 N
+    kept = apply_overrides(exp, ["adapt.fixed=secu.alpha"])
+    assert adapt_to_collection(kept, 192).experiment.secu.alpha == 6000.0
+    assert adapt_to_collection(recipe("fashion-mnist-cpu"), 192).experiment.secu.alpha == 6000.0  # size constraint
