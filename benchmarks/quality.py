@@ -97,8 +97,9 @@ def run_secu(storage: StorageConfig, seed: int, args: Any) -> dict[str, Any]:
         dataset="fm-train", run_id=run_id)
     overrides = [f"seed={seed}"]
     if args.epochs:
+        # An explicit schedule is kept as given (the training job would mark these keys as set).
         overrides += [f"optim.warmup_epochs={min(args.epochs, job.experiment.optim.warmup_epochs)}",
-                      f"optim.epochs={args.epochs}"]
+                      f"optim.epochs={args.epochs}", "adapt.fixed=optim.epochs,optim.warmup_epochs"]
     job = apply_job_overrides(job, overrides)
     with Stopwatch() as train:
         outcome = run_training(job, storage)

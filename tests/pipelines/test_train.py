@@ -28,7 +28,9 @@ def make_job(run_id: str, *overrides: str) -> TrainJobConfig:
         compute=ComputeConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1, log_every=1000),
         dataset="patterns", run_id=run_id,
     )
-    return apply_job_overrides(job, ["optim.batch_size=32", "model.cnn_width=8", "secu.ks=[3,6]", *overrides])
+    # These tests check mechanics (recovery, resume, counters) on short explicit schedules: no adaptation.
+    return apply_job_overrides(job, ["optim.batch_size=32", "model.cnn_width=8", "secu.ks=[3,6]",
+                                     "adapt.enabled=false", *overrides])
 
 
 @pytest.fixture(scope="module")
