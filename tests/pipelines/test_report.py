@@ -135,6 +135,10 @@ def test_report_with_1000_clusters_stays_small_and_paged(tmp_path: Path) -> None
     assert all(r.exists() for r in _refs(root / "clusters" / "page-010.html"))
     empty = next(c for c in range(1000) if c not in set(pred.tolist()))
     assert "0 images" in (root / "clusters" / f"c{empty:04d}.html").read_text()
+    # 60 images cannot fill 1000 clusters: the first screen says so in words.
+    text = index.read_text()
+    assert "<p class=warn><b>Warning:</b> head 0 (K=1000) collapsed in the published output" in text
+    assert "clusters are empty" in text
 
 
 def test_rebuilding_replaces_the_report(labelled_run: tuple[StorageConfig, np.ndarray, np.ndarray]) -> None:
