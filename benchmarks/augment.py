@@ -38,7 +38,7 @@ from benchmarks.common import (
 )
 from secu.augment import TwoViewAugment, augment_batch
 from secu.batch_augment import BatchTwoViewAugment
-from secu.config import recipe
+from secu.recipes import recipe
 
 NAME = "augment"
 BASELINE = "per_image_torchvision"

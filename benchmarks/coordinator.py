@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_result,
 )
 from pipelines.coordinator import AssignmentMemory, CoordinatorClient, label_dtype
-from secu.config import recipe
+from secu.recipes import recipe
 
 NAME = "coordinator"
 GIB = float(1 << 30)

@@ -62,7 +62,8 @@ from benchmarks.common import (
     write_synthetic_jpegs,
 )
 from secu.batch_augment import BatchTwoViewAugment
-from secu.config import AugmentConfig, recipe
+from secu.config import AugmentConfig
+from secu.recipes import recipe
 
 NAME = "data_pipeline"
 BASELINE = "wds_dataloader"

@@ -57,7 +57,7 @@ def write_fresh_checkpoint(storage: StorageConfig, recipe_name: str) -> str:
     """A freshly initialised checkpoint under ``runs/<RUN_ID>/checkpoints/``; returns its rel path."""
     from pipelines.checkpointing import TrainingState, build_network, save_checkpoint
     from pipelines.job_config import ComputeConfig, TrainJobConfig
-    from secu.config import recipe
+    from secu.recipes import recipe
     from secu.state import ClusterState
 
     job = TrainJobConfig(experiment=recipe(recipe_name), compute=ComputeConfig(num_workers=1), dataset=DATASET,

@@ -87,7 +87,7 @@ def run_secu(storage: StorageConfig, seed: int, args: Any) -> dict[str, Any]:
     from pipelines.inference import InferenceOptions, run_inference
     from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
     from pipelines.trainer import run_training
-    from secu.config import recipe
+    from secu.recipes import recipe
 
     run_id = f"quality-seed{seed}"
     job = TrainJobConfig(

@@ -49,7 +49,7 @@ def train_once(storage: StorageConfig, workers: int, args: Any, counter: list[in
     """One short training run with ``workers`` Ray Train workers; figures from its reported metrics."""
     from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
     from pipelines.trainer import run_training
-    from secu.config import recipe
+    from secu.recipes import recipe
 
     counter[0] += 1
     run_id = f"scaling-w{workers}-{counter[0]}"

@@ -54,9 +54,10 @@ from pipelines.train_loop import CYCLE_CHANGED_FRAC, cycling_heads
 from secu.adapt import adapt_to_collection
 from secu.augment import normalize
 from secu.batch_augment import BatchTwoViewAugment
-from secu.config import ExperimentConfig, apply_overrides, recipe
+from secu.config import ExperimentConfig, apply_overrides
 from secu.local_train import predict, train_in_memory
 from secu.metrics import hungarian_acc
+from secu.recipes import recipe
 from secu.step import costs
 from tests.pipelines.run_builders import pattern_images
 

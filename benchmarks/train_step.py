@@ -55,10 +55,11 @@ from benchmarks.common import (
     write_result,
 )
 from secu.augment import normalize
-from secu.config import ExperimentConfig, apply_overrides, recipe
+from secu.config import ExperimentConfig, apply_overrides
 from secu.model import Encoder
 from secu.network import SeCuNetwork
 from secu.optim import build_optimizer
+from secu.recipes import recipe
 from secu.state import ClusterState, LocalMemory
 from secu.step import secu_step
 

@@ -29,7 +29,8 @@ import yaml
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
 from pipelines.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
-from secu.config import RECIPE_NAMES, apply_overrides
+from secu.config import apply_overrides
+from secu.recipes import RECIPE_NAMES
 
 logger = logging.getLogger("jobs.recluster")
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secu.adapt import ADAPTED_KEYS
-from secu.config import ExperimentConfig, apply_overrides, recipe
+from secu.config import ExperimentConfig, apply_overrides
+from secu.recipes import recipe
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -23,7 +23,7 @@ from pipelines.job_config import ComputeConfig, TrainJobConfig
 from pipelines.schema import SCHEMA_VERSION, assignment_schema, cluster_column, confidence_column, similarity_column
 from pipelines.sources import ArrayPart, ArraySource
 from pipelines.storage import StorageConfig, join
-from secu.config import recipe
+from secu.recipes import recipe
 from secu.state import ClusterState
 
 CLASS_NAMES = ["stripes-h", "stripes-v", "checker"]

@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from pipelines.train_loop import warn_if_duals_cycle
-from secu.config import recipe
+from secu.recipes import recipe
 
 
 def metrics(epoch: int, shares: tuple[float, ...], changed: tuple[float, ...]) -> dict[str, float]:

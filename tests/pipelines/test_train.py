@@ -14,7 +14,7 @@ from pipelines.checkpointing import load_coordinator_state, load_training_state
 from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.storage import StorageConfig
 from pipelines.trainer import run_training
-from secu.config import recipe
+from secu.recipes import recipe
 from tests.pipelines.run_builders import make_dataset
 
 pytestmark = pytest.mark.ray

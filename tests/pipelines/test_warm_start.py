@@ -14,7 +14,7 @@ from pipelines.coordinator import AssignmentMemory, shard_ranges
 from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.storage import StorageConfig
 from pipelines.warm_start import prepare_warm_start
-from secu.config import recipe
+from secu.recipes import recipe
 from secu.state import ClusterState
 
 KS = [3, 6]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from secu.config import RECIPE_NAMES, ExperimentConfig, apply_overrides, recipe
+from secu.config import ExperimentConfig, apply_overrides
+from secu.recipes import RECIPE_NAMES, recipe
 
 
 def test_reference_table_cifar10() -> None:
