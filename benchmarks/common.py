@@ -382,8 +382,8 @@ def require_fashion_mnist() -> str:
 
 def ingest_fashion_mnist(storage: Any, dataset: str, split: str, limit: int | None, shard_size: int) -> Any:
     """Ingest the first ``limit`` images of a Fashion-MNIST split (``train``, ``test``, ``all``) with our ingest."""
-    from pipelines.ingest import IngestOptions, ingest
-    from pipelines.sources import open_source
+    from pipelines.dataset.ingest import IngestOptions, ingest
+    from pipelines.dataset.sources import open_source
 
     source = open_source(f"idx:{require_fashion_mnist()}", split=split)
     import ray
@@ -430,8 +430,8 @@ def ingest_folder(storage: Any, dataset: str, folder: Path, shard_size: int) -> 
     """Ingest an image folder (class sub-folders) with our ingest (the image-folder source)."""
     import ray
 
-    from pipelines.ingest import IngestOptions, ingest
-    from pipelines.sources import open_source
+    from pipelines.dataset.ingest import IngestOptions, ingest
+    from pipelines.dataset.sources import open_source
 
     source = open_source(f"folder:{folder}")
     return ingest(storage, dataset, source, IngestOptions(shard_size=shard_size, use_ray=ray.is_initialized()),
@@ -460,7 +460,7 @@ def iter_shard_samples(path: str) -> Iterator[tuple[str, bytes, bytes]]:
 
 def shard_paths(storage: Any, dataset: str) -> list[str]:
     """Local paths of the committed shards of ``dataset`` (local storage only)."""
-    from pipelines.dataset_info import dataset_dir, load_dataset_info
+    from pipelines.dataset.info import dataset_dir, load_dataset_info
 
     info = load_dataset_info(storage, dataset)
     return [storage.path(dataset_dir(dataset), "shards", s.name) for s in info.shards]

@@ -48,7 +48,7 @@ from benchmarks.common import (
     start_result,
     write_result,
 )
-from pipelines.coordinator import AssignmentMemory, CoordinatorClient, label_dtype
+from pipelines.training.coordinator import AssignmentMemory, CoordinatorClient, label_dtype
 from secu.recipes import recipe
 
 NAME = "coordinator"

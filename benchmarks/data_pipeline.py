@@ -1,13 +1,13 @@
 """Training input pipeline: Ray Data vs webdataset + DataLoader vs plain processes, in images/s.
 
-Claim: our training stream (``pipelines.data.build_train_dataset``: read the committed tars, decode,
+Claim: our training stream (``pipelines.dataset.streams.build_train_dataset``: read the committed tars, decode,
 two augmented views) delivers images about as fast as the loader a user would pick instead, and
 close to what plain processes achieve on the same cores.
 
 Variants, all on the same shards (written by our ingest into a temporary root), with W worker
 processes (``--workers``, default the core count) and the same transforms (``BatchTwoViewAugment`` of
 the recipe, the training path's batched augmentation, applied to batches of ``--batch-size`` decoded
-images; decoding with ``pipelines.data.decode_image``):
+images; decoding with ``pipelines.dataset.streams.decode_image``):
 
 - ``ray_data``: ``build_train_dataset`` on a local Ray with W CPUs, one epoch through
   ``iter_torch_batches(batch_size)`` (what the training loop consumes; views reach this process);
@@ -80,7 +80,7 @@ def _init_worker() -> None:
 
 def decode_augment_shard(path: str, cfg: AugmentConfig, batch_size: int = 256) -> int:
     """Decode every image of one shard and augment them in batches; returns the count (views are dropped)."""
-    from pipelines.data import decode_image
+    from pipelines.dataset.streams import decode_image
 
     aug = _two_views(cfg)
     n, pending = 0, []
@@ -127,7 +127,7 @@ class WdsDecode:
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
         import json
 
-        from pipelines.data import decode_image
+        from pipelines.dataset.streams import decode_image
 
         data = next(sample[e] for e in SHARD_IMAGE_EXTS if e in sample)
         return decode_image(data, self.cfg.channels, 50_000_000), int(json.loads(sample["json"])["sample_index"])
@@ -195,7 +195,7 @@ def epoch_pool(pool: ProcessPoolExecutor, fn: Any, paths: list[str], arg: Any) -
 def measure_kind(kind: str, storage: Any, dataset: str, cfg: AugmentConfig, args: Any,
                  pool: ProcessPoolExecutor) -> tuple[Rounds, dict[str, Any]]:
     """All variants on one image kind, alternating."""
-    from pipelines.data import build_train_dataset
+    from pipelines.dataset.streams import build_train_dataset
 
     paths = shard_paths(storage, dataset)
     ds = build_train_dataset(storage, dataset, cfg, seed=0)
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="secu-bench-data-") as tmp, \
             ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool:
-        from pipelines.storage import StorageConfig
+        from pipelines.storage import Storage
 
-        storage = StorageConfig(os.path.join(tmp, "root"))
+        storage = Storage(os.path.join(tmp, "root"))
         setups: dict[str, tuple[str, AugmentConfig, dict[str, Any]]] = {}
         if "fashion_mnist_png" in args.kinds:
             with Stopwatch() as sw:

@@ -1,6 +1,6 @@
 """Batch inference: our Ray Data inference to Parquet vs a plain single-process torch loop.
 
-Claim: ``pipelines.inference.run_inference`` (read the tars, decode + evaluation transform in CPU
+Claim: ``pipelines.outputs.inference.run_inference`` (read the tars, decode + evaluation transform in CPU
 tasks, ``Assigner`` actors, ``write_parquet`` into a staging prefix, verify, publish ``_SUCCESS``)
 is at least as fast end to end as the loop a user would write by hand.
 
@@ -8,7 +8,7 @@ is at least as fast end to end as the loop a user would write by hand.
   (batch 256; on CPUs half of them as model actors). Timed end to end (checkpoint load, planning,
   actors, writing, verification, publishing); ``execution_images_per_s`` is the Ray part alone.
 - ``plain_loop``: one process with ``--cpus`` torch threads: read every shard with ``tarfile``,
-  ``pipelines.data.decode_image``, ``EvalTransform``, batches of 256 through the same network and
+  ``pipelines.dataset.streams.decode_image``, ``EvalTransform``, batches of 256 through the same network and
   the same row construction (``Assigner``), one ``pyarrow.parquet.ParquetWriter`` with the same
   schema and compression.
 
@@ -45,7 +45,7 @@ from benchmarks.common import (
     start_result,
     write_result,
 )
-from pipelines.storage import StorageConfig, join
+from pipelines.storage import Storage, join
 
 NAME = "inference"
 BASELINE = "plain_loop"
@@ -53,10 +53,10 @@ RUN_ID = "bench-inference"
 DATASET = "fm"
 
 
-def write_fresh_checkpoint(storage: StorageConfig, recipe_name: str) -> str:
+def write_fresh_checkpoint(storage: Storage, recipe_name: str) -> str:
     """A freshly initialised checkpoint under ``runs/<RUN_ID>/checkpoints/``; returns its rel path."""
-    from pipelines.checkpointing import TrainingState, build_network, save_checkpoint
-    from pipelines.job_config import ComputeConfig, TrainJobConfig
+    from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+    from pipelines.training.job_config import ComputeConfig, TrainJobConfig
     from secu.recipes import recipe
     from secu.state import ClusterState
 
@@ -71,8 +71,8 @@ def write_fresh_checkpoint(storage: StorageConfig, recipe_name: str) -> str:
     return rel
 
 
-def ours(storage: StorageConfig, options: Any) -> Figures:
-    from pipelines.inference import run_inference
+def ours(storage: Storage, options: Any) -> Figures:
+    from pipelines.outputs.inference import run_inference
 
     with Stopwatch() as sw:
         res = run_inference(storage, RUN_ID, dataset=DATASET, options=options)
@@ -80,12 +80,12 @@ def ours(storage: StorageConfig, options: Any) -> Figures:
             "execution_s": res.seconds, "execution_images_per_s": res.images_per_s}
 
 
-def plain_loop(storage: StorageConfig, out_dir: str, batch_size: int, threads: int) -> Figures:
+def plain_loop(storage: Storage, out_dir: str, batch_size: int, threads: int) -> Figures:
     """Single process: tars -> decode -> eval transform -> model -> rows -> one Parquet file."""
-    from pipelines.checkpoint_lookup import find_latest_checkpoint, load_checkpoint
-    from pipelines.data import decode_image
-    from pipelines.dataset_info import dataset_dir, load_dataset_info
-    from pipelines.inference import Assigner
+    from pipelines.dataset.info import dataset_dir, load_dataset_info
+    from pipelines.dataset.streams import decode_image
+    from pipelines.outputs.inference import Assigner
+    from pipelines.training.checkpoint_lookup import find_latest_checkpoint, load_checkpoint
     from secu.augment import EvalTransform
 
     with Stopwatch() as sw:
@@ -135,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="InferenceOptions of ours, e.g. concurrency=2 or cpus_per_actor=0.5")
     args = parser.parse_args(argv)
-    from pipelines.inference import InferenceOptions
+    from pipelines.outputs.inference import InferenceOptions
 
     n = args.images or (1000 if args.quick else 20_000)
     result = start_result(NAME, args)
     load = LoadProbe()
     start_ray(args.cpus)
     with tempfile.TemporaryDirectory(prefix="secu-bench-infer-") as tmp:
-        storage = StorageConfig(os.path.join(tmp, "root"))
+        storage = Storage(os.path.join(tmp, "root"))
         ingest_fashion_mnist(storage, DATASET, "train", n, shard_size=args.shard_size or -(-n // 4))
         write_fresh_checkpoint(storage, args.recipe)
         plain_dir = os.path.join(tmp, "plain")
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                             "plain_loop": lambda: plain_loop(storage, plain_dir, args.batch_size, args.cpus)},
                            args.repeats, args.warmup)
         torch.set_num_threads(threads)
-        from pipelines.assignments import read_assignments
+        from pipelines.outputs.assignments import read_assignments
 
         ours_table = read_assignments(storage, RUN_ID)
         plain_table = pq.read_table(os.path.join(plain_dir, "part-00000.parquet"))

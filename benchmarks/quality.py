@@ -6,10 +6,10 @@ clustering methods.
 Protocol (the same for both methods, in the same run):
 
 - train on the train split (60,000 images; ``--quick``: the first 1,024, 1 epoch): SeCu through the
-  whole pipeline (our ingest, ``pipelines.trainer.run_training``); k-means (sklearn ``KMeans``, k = 10,
+  whole pipeline (our ingest, ``pipelines.training.trainer.run_training``); k-means (sklearn ``KMeans``, k = 10,
   ``n_init`` = 10; quick: 1) fitted on the same images' raw pixels scaled to [0, 1];
-- evaluate on the test split (10,000) and on all 70,000 images: SeCu by ``pipelines.inference.run_inference``
-  on the ingested ``fm-test`` / ``fm-all`` datasets and ``pipelines.evaluation.evaluate_assignments``
+- evaluate on the test split (10,000) and on all 70,000 images: SeCu by ``pipelines.outputs.inference.run_inference``
+  on the ingested ``fm-test`` / ``fm-all`` datasets and ``pipelines.outputs.evaluation.evaluate_assignments``
   (ACC with Hungarian matching, NMI, ARI; per head, K = 10, 20, 30); k-means by ``predict``;
 - also, for k-means, the literature protocol: fitted on all 70,000 (full mode only).
 
@@ -42,7 +42,7 @@ from benchmarks.common import (
     summarize,
     write_result,
 )
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 
 NAME = "quality"
 ANCHORS = {
@@ -56,7 +56,7 @@ EVAL_SETS = ("test", "all")
 def load_pixels(split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels (N x 784 float32 in [0, 1]) and labels of a Fashion-MNIST split, first ``limit`` rows;
     the same order our ingest assigns ``sample_index`` in (array sources keep their order)."""
-    from pipelines.sources import load_idx, parse_splits
+    from pipelines.dataset.sources import load_idx, parse_splits
 
     source = load_idx(require_fashion_mnist(), parse_splits("idx", split))
     images = np.concatenate([p.images for p in source.parts])
@@ -81,12 +81,12 @@ def run_kmeans(train_x: np.ndarray, evals: dict[str, tuple[np.ndarray, np.ndarra
     return out
 
 
-def run_secu(storage: StorageConfig, seed: int, args: Any) -> dict[str, Any]:
+def run_secu(storage: Storage, seed: int, args: Any) -> dict[str, Any]:
     """Train SeCu on ``fm-train``, infer ``fm-test`` and ``fm-all``, evaluate every head."""
-    from pipelines.evaluation import evaluate_assignments
-    from pipelines.inference import InferenceOptions, run_inference
-    from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
-    from pipelines.trainer import run_training
+    from pipelines.outputs.evaluation import evaluate_assignments
+    from pipelines.outputs.inference import InferenceOptions, run_inference
+    from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
+    from pipelines.training.trainer import run_training
     from secu.recipes import recipe
 
     run_id = f"quality-seed{seed}"
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_secu:
         start_ray(args.cpus)
     with tempfile.TemporaryDirectory(prefix="secu-bench-quality-") as tmp:
-        storage = StorageConfig(os.path.join(tmp, "root"))
+        storage = Storage(os.path.join(tmp, "root"))
         if not args.skip_secu:
             shard = 10_000 if train_n is None else -(-train_n // 4)
             with Stopwatch() as ingest_sw:

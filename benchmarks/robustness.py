@@ -45,7 +45,7 @@ ROWS = ("fm-500", "fm-1000", "fm-2000", "fm-5000", "fm-10000", "fm-60000", "fm-l
 
 def _fashion_train() -> tuple[np.ndarray, np.ndarray]:
     from benchmarks.common import require_fashion_mnist
-    from pipelines.sources import load_idx
+    from pipelines.dataset.sources import load_idx
 
     part = load_idx(require_fashion_mnist(), ["train"]).parts[0]
     assert part.labels is not None

@@ -3,7 +3,7 @@
 Claim: adding training workers adds throughput close to linearly (when each worker gets its own
 cores, or GPU).
 
-Every run is a real ``pipelines.trainer.run_training`` (Ray Data stream, ``TorchTrainer`` with gloo
+Every run is a real ``pipelines.training.trainer.run_training`` (Ray Data stream, ``TorchTrainer`` with gloo
 on CPU, the coordinator actor, checkpoints) of the ``fashion-mnist-cpu`` recipe with a short schedule
 (``--epochs``, default 2) on the first N images of the Fashion-MNIST train split. The figure is the
 last epoch's ``data/images_per_s`` as the training loop reports it (images of all workers / the
@@ -39,16 +39,16 @@ from benchmarks.common import (
     start_result,
     write_result,
 )
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 
 NAME = "scaling"
 DATASET = "fm"
 
 
-def train_once(storage: StorageConfig, workers: int, args: Any, counter: list[int]) -> Figures:
+def train_once(storage: Storage, workers: int, args: Any, counter: list[int]) -> Figures:
     """One short training run with ``workers`` Ray Train workers; figures from its reported metrics."""
-    from pipelines.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
-    from pipelines.trainer import run_training
+    from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
+    from pipelines.training.trainer import run_training
     from secu.recipes import recipe
 
     counter[0] += 1
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(args.cpus)
     counter = [0]
     with tempfile.TemporaryDirectory(prefix="secu-bench-scaling-") as tmp:
-        storage = StorageConfig(os.path.join(tmp, "root"))
+        storage = Storage(os.path.join(tmp, "root"))
         ingest_fashion_mnist(storage, DATASET, "train", n, shard_size=-(-n // 8))
         variants = {f"W{w}": (lambda w=w: train_once(storage, w, args, counter)) for w in workers}
         rounds = alternate(variants, args.repeats, args.warmup)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_svg(path: Path, workers: list[int], scaling: dict[str, Any], images: int) -> None:
     """Measured vs ideal throughput as a small SVG line chart (no plotting library needed)."""
-    from pipelines.svg_charts import line_chart
+    from pipelines.outputs.svg_charts import line_chart
 
     svg = line_chart(
         {"measured (median)": [(float(w), scaling[f"W{w}"]["images_per_s"]["median"]) for w in workers],

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +30,8 @@ def running_as_submitted_job() -> bool:
     return SUBMITTED_JOB_ENV in os.environ
 
 
-def storage_from_args(args: argparse.Namespace) -> StorageConfig:
-    """The validated StorageConfig of ``add_storage_args``' arguments (ValueError on a bad root).
+def storage_from_args(args: argparse.Namespace) -> Storage:
+    """The validated Storage of ``add_storage_args``' arguments (ValueError on a bad root).
 
     Inside a submitted job the working directory is the uploaded copy of ``--working-dir``, which Ray
     deletes with the job, so a relative local root is refused there.
@@ -43,7 +43,7 @@ def storage_from_args(args: argparse.Namespace) -> StorageConfig:
             "job's uploaded working directory (deleted with the job, and on one node only): pass "
             "s3://bucket/prefix, or an absolute path that every node of the cluster shares"
         )
-    return StorageConfig(root, s3_endpoint=args.s3_endpoint or None, s3_region=args.s3_region)
+    return Storage(root, s3_endpoint=args.s3_endpoint or None, s3_region=args.s3_region)
 
 
 def setup_logging(level: str = "INFO") -> None:

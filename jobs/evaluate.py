@@ -38,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_name_from_args(args: argparse.Namespace) -> str:
     """The assignment output an evaluate/report command refers to."""
-    from pipelines.assignments import DEFAULT_NAME, read_marker
-    from pipelines.storage import StorageConfig
+    from pipelines.outputs.assignments import DEFAULT_NAME, read_marker
+    from pipelines.storage import Storage
 
     if args.output_name:
         return str(args.output_name)
     if not args.dataset:
         return DEFAULT_NAME
-    storage: StorageConfig = storage_from_args(args)
+    storage: Storage = storage_from_args(args)
     try:  # the run's own dataset is published under the default name
         if read_marker(storage, args.run_id, DEFAULT_NAME).get("dataset") == args.dataset:
             return DEFAULT_NAME
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     import json
 
-    from pipelines.evaluation import evaluate_assignments, format_table, write_metrics
+    from pipelines.outputs.evaluation import evaluate_assignments, format_table, write_metrics
 
     try:
         storage = storage_from_args(args)

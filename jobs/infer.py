@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the inference; returns the exit code (2 for errors a user can fix)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pipelines.inference import InferenceOptions, run_inference
+    from pipelines.outputs.inference import InferenceOptions, run_inference
 
     try:
         storage = storage_from_args(args)

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
-from pipelines.dataset_info import MAX_SHARD_SIZE
+from pipelines.dataset.info import MAX_SHARD_SIZE
 
 logger = logging.getLogger("jobs.ingest")
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     import os
 
-    from pipelines.ingest import IngestOptions, ingest
-    from pipelines.sources import open_source
+    from pipelines.dataset.ingest import IngestOptions, ingest
+    from pipelines.dataset.sources import open_source
 
     try:
         storage = storage_from_args(args)

@@ -2,7 +2,7 @@
 
 Each call ingests the source's new images, trains a few epochs warm-started from the previous tick,
 keeps cluster ids stable (Hungarian matching of centers to the previous tick), infers the collection
-and writes a drift summary. Details: ``pipelines/recluster.py``; schedule: jobs/README.md and
+and writes a drift summary. Details: ``pipelines/recluster/tick.py``; schedule: jobs/README.md and
 cluster_configs/kuberay/cronjob-recluster.yaml.
 
 Examples:
@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
-from pipelines.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
+from pipelines.training.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
 from secu.config import apply_overrides
 from secu.recipes import RECIPE_NAMES
 
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> tuple[TrainJobConfig, Any, Any]:
     """The training template, ``ReclusterOptions`` and ``InferenceOptions`` of the arguments (validated)."""
-    from pipelines.inference import InferenceOptions
-    from pipelines.recluster import ReclusterOptions
+    from pipelines.outputs.inference import InferenceOptions
+    from pipelines.recluster.tick import ReclusterOptions
 
     data: dict[str, Any] = {}
     if args.config is not None:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one reclustering tick; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pipelines.recluster import run_recluster
+    from pipelines.recluster.tick import run_recluster
     from pipelines.run_lock import LockHeldError
 
     try:

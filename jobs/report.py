@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     """Render and publish the report; returns the exit code (2 for errors a user can fix)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pipelines.report import ReportOptions, build_report
+    from pipelines.outputs.report import ReportOptions, build_report
 
     try:
         storage = storage_from_args(args)

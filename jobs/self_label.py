@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or f"{args.from_run}-sl"
     try:
         storage = storage_from_args(args)
-        from pipelines.self_label import run_self_label  # imports Ray; keep --help fast
+        from pipelines.training.self_label import run_self_label  # imports Ray; keep --help fast
 
         outcome = run_self_label(storage, args.from_run, run_id, args.overrides, args.dataset)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as err:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from jobs.common import add_storage_args, setup_logging, storage_from_args
-from pipelines.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
+from pipelines.training.job_config import TrainJobConfig, apply_job_overrides, mark_user_set
 from secu.recipes import RECIPE_NAMES
 
 logger = logging.getLogger("jobs.train")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(job.to_dict(), indent=1))
         return 0
-    from pipelines.trainer import run_training  # imports Ray; keep --help and config errors fast
+    from pipelines.training.trainer import run_training  # imports Ray; keep --help and config errors fast
 
     try:
         outcome = run_training(job, storage)

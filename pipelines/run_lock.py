@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def new_owner_id() -> str:
 class StorageLock:
     """``with StorageLock(storage, rel, ttl_s=..., purpose=...):`` holds the lock object at ``rel``."""
 
-    def __init__(self, storage: StorageConfig, rel: str, *, ttl_s: float, purpose: str) -> None:
+    def __init__(self, storage: Storage, rel: str, *, ttl_s: float, purpose: str) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lock ttl_s={ttl_s} must be positive")
         self.storage, self.rel, self.ttl_s, self.purpose = storage, rel, float(ttl_s), purpose

@@ -1,6 +1,6 @@
 """One storage root for datasets and runs: a local directory or an ``s3://bucket/prefix``.
 
-``StorageConfig`` is the one abstraction: a validated, picklable value (root, endpoint, region; only
+``Storage`` is the one abstraction: a validated, picklable value (root, endpoint, region; only
 these three fields are pickled into Ray tasks and checkpoints) with the operations built on it. It
 gives a pyarrow filesystem and scheme-less paths for Ray Data (``filesystem`` + ``path``, or
 ``pyarrow_fs_and_path``), an fsspec filesystem where a library needs one (``fsspec``), and the few
@@ -12,7 +12,7 @@ Credentials come only from the environment of each process (``AWS_ACCESS_KEY_ID`
 instance role). They are never passed as arguments, never stored in a config and never logged, so
 they are not pickled into Ray tasks either: on a cluster give every node the same environment
 (``runtime_env={"env_vars": ...}`` or an IAM role). pyarrow ignores ``AWS_ENDPOINT_URL``; the
-endpoint is always passed explicitly from ``StorageConfig.s3_endpoint``.
+endpoint is always passed explicitly from ``Storage.s3_endpoint``.
 
 Atomicity: ``write_bytes_atomic``/``atomic_writer`` publish a file whole or not at all. Locally:
 a temporary file in the target directory, fsync, ``os.replace``. On S3: the bytes are staged in a
@@ -57,7 +57,7 @@ def join(*parts: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A file found by ``StorageConfig.list``."""
+    """A file found by ``Storage.list``."""
 
     path: str
     """Path relative to the listed directory, ``/``-separated."""
@@ -85,8 +85,9 @@ def credentials_in_env() -> str | None:
 
 
 @dataclass(frozen=True)
-class StorageConfig:
-    """Where datasets and runs live."""
+class Storage:
+    """The client of the one storage root where datasets and runs live (a local directory or an S3 prefix):
+    paths, reads, atomic writes, listings. Picklable, so Ray tasks and actors get it as an argument."""
 
     root: str
     """A local directory (absolute or relative) or ``s3://bucket/prefix``."""
@@ -140,9 +141,9 @@ class StorageConfig:
             raise ValueError(f"storage root {self.root!r} is local and has no bucket")
         return self.root[len("s3://"):].split("/", 1)[0]
 
-    def child(self, *parts: str) -> StorageConfig:
+    def child(self, *parts: str) -> Storage:
         """The config of a sub-root (same endpoint and region)."""
-        return StorageConfig(self.uri(*parts), self.s3_endpoint, self.s3_region)
+        return Storage(self.uri(*parts), self.s3_endpoint, self.s3_region)
 
     @staticmethod
     def join(*parts: str) -> str:

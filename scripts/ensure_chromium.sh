@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure headless Chromium is installed for the report rendering test
-# (tests/pipelines/test_report.py). Installs Debian's `chromium` package when it is missing and this
+# (tests/pipelines/outputs/test_report.py). Installs Debian's `chromium` package when it is missing and this
 # runs as root; otherwise prints what to do and exits non-zero. Safe to call repeatedly.
 set -euo pipefail
 

@@ -1,12 +1,13 @@
 # Sourced by the project's scripts: creates or reuses the virtual env and installs the project
-# (with its test extra) whenever pyproject.toml changed since the last install.
+# (with its test extra) whenever pyproject.toml or the package layout changed since the last install
+# (an editable install maps the packages it found at install time).
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.installed-$( (cat pyproject.toml; find secu pipelines jobs -name __init__.py | sort) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "== installing the project and its test extra into $VENV (first run: a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip

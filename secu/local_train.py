@@ -1,6 +1,6 @@
 """A whole SeCu run in one process over images held in memory (no Ray).
 
-The same parts as the Ray training loop (``pipelines.train_loop``): the network of the config,
+The same parts as the Ray training loop (``pipelines.training.train_loop``): the network of the config,
 ``secu_step``, the optimizer and its per-iteration schedule, the batched two-view augmentation, one
 epoch-start center snapshot, the stored label of the previous epoch. It is what the benchmarks
 (``benchmarks.robustness``, ``benchmarks.small_data_stability``) and the training-run tests use to

@@ -8,7 +8,7 @@ a few large, easy clusters from absorbing the rest, each confident class is weig
 frequency among the batch's confident instances (``class_balanced_weights``).
 
 Pure functions plus a step; ``secu.local_train.self_label_in_memory`` runs it in one process and
-``pipelines.self_label`` on Ray Train.
+``pipelines.training.self_label`` on Ray Train.
 
 Legend: B = batch, K = clusters of the head, D = feature dim.
 """

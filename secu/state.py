@@ -6,7 +6,7 @@ small (K floats per head), identical on every rank, and updated by the pure rule
 
 ``LocalMemory`` is the per-instance assignment memory y_h[i] kept in one process: the reference
 used by tests and single-process runs. Distributed runs keep the memory in the coordinator actor
-(``pipelines.coordinator``) instead, never replicated into every worker.
+(``pipelines.training.coordinator``) instead, never replicated into every worker.
 """
 
 from __future__ import annotations

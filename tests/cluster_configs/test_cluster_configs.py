@@ -708,7 +708,7 @@ def test_runtime_env_is_what_ray_accepts_and_uploads_only_code() -> None:
     ]:
         assert runtime_env_excludes(skipped, excludes), skipped
     for kept in [
-        "pipelines/data.py",
+        "pipelines/dataset/streams.py",
         "jobs/train.py",
         "secu/losses.py",
         "pyproject.toml",

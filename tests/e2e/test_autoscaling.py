@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 from tests.e2e.ray_head import REPO, Head, start_head, stop_head
 from tests.pipelines.run_builders import make_dataset
 
@@ -56,7 +56,7 @@ def test_training_that_needs_more_cpus_than_the_head_gets_nodes(tmp_path: Path) 
     head = start_head(HEAD_CPUS, dashboard=False, autoscaling_config=fake_cluster_config())
     try:
         assert alive_nodes(head) == 1
-        storage = StorageConfig(str(tmp_path / "store"))
+        storage = Storage(str(tmp_path / "store"))
         make_dataset(storage, "patterns", 96, shard_size=48)
         train = subprocess.run(
             [sys.executable, "-m", "jobs.train", "--recipe", "fashion-mnist-cpu", "--dataset", "patterns",

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from ray.job_submission import JobSubmissionClient
 
-from pipelines.assignments import published_files, read_assignments, read_marker
-from pipelines.storage import StorageConfig
+from pipelines.outputs.assignments import published_files, read_assignments, read_marker
+from pipelines.storage import Storage
 from tests.e2e.ray_head import REPO, Head, ray_cli, start_head, stop_head
 from tests.fixtures import write_idx_dataset
 
@@ -107,7 +107,7 @@ def test_ingest_train_infer_evaluate_through_job_submit(head: Head, moto_endpoin
         run = submit(head, name, *entrypoint)
         assert run.state == "SUCCEEDED", f"{name} job {run.state}:\n{run.logs[-6000:]}"
 
-    storage = StorageConfig(f"s3://{bucket}/secu", s3_endpoint=moto_endpoint)
+    storage = Storage(f"s3://{bucket}/secu", s3_endpoint=moto_endpoint)
     marker = read_marker(storage, "e2e")
     assert marker["rows"] == 128 and marker["dataset"] == "fm"
     files = published_files(storage, "e2e")

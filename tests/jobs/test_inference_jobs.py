@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from jobs import cli, evaluate, infer, report
-from pipelines.dataset_info import load_dataset_info, read_manifest
-from pipelines.storage import StorageConfig
+from pipelines.dataset.info import load_dataset_info, read_manifest
+from pipelines.storage import Storage
 from tests.pipelines.run_builders import make_dataset, publish_assignments
 
 
 @pytest.fixture()
-def published(tmp_path: Path) -> StorageConfig:
-    storage = StorageConfig(str(tmp_path))
+def published(tmp_path: Path) -> Storage:
+    storage = Storage(str(tmp_path))
     make_dataset(storage, "tiny", 9, shard_size=9)
     manifest = read_manifest(storage, load_dataset_info(storage, "tiny"))
     labels = manifest["label"].to_pylist()
@@ -51,7 +51,7 @@ def test_infer_rejects_unknown_options(tmp_path: Path, caplog: pytest.LogCapture
     assert "batch_size=0" in caplog.text
 
 
-def test_evaluate_prints_a_table_and_writes_metrics(published: StorageConfig,
+def test_evaluate_prints_a_table_and_writes_metrics(published: Storage,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(["--storage", published.root, "--run-id", "r"]) == 0
     out = capsys.readouterr().out
@@ -62,14 +62,14 @@ def test_evaluate_prints_a_table_and_writes_metrics(published: StorageConfig,
     assert json.loads(capsys.readouterr().out)["heads"][0]["nmi"] == 1.0
 
 
-def test_evaluate_refuses_unpublished_output(published: StorageConfig, caplog: pytest.LogCaptureFixture) -> None:
+def test_evaluate_refuses_unpublished_output(published: Storage, caplog: pytest.LogCaptureFixture) -> None:
     Path(published.path("runs/r/assignments/_SUCCESS")).unlink()
     with caplog.at_level(logging.ERROR):
         assert evaluate.main(["--storage", published.root, "--run-id", "r"]) == 2
     assert "_SUCCESS is missing" in caplog.text and "jobs.infer" in caplog.text
 
 
-def test_report_through_the_console_script(published: StorageConfig, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_through_the_console_script(published: Storage, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["report", "--storage", published.root, "--run-id", "r", "--set", "top=2"]) == 0
     index = Path(capsys.readouterr().out.strip())
     assert index == Path(published.path("runs/r/report/index.html")) and index.exists()

@@ -12,8 +12,8 @@ import pytest
 
 from jobs import ingest as ingest_job
 from jobs.common import storage_from_args
-from pipelines.dataset_info import load_dataset_info
-from pipelines.storage import StorageConfig
+from pipelines.dataset.info import load_dataset_info
+from pipelines.storage import Storage
 from tests.fixtures import write_idx_dataset
 
 
@@ -28,7 +28,7 @@ def test_parser_defaults_and_storage_args() -> None:
          "--s3-endpoint", "http://127.0.0.1:9"])
     assert (args.split, args.shard_size, args.max_pixels, args.limit, args.ray) == (
         "train", 10_000, 50_000_000, None, "auto")
-    assert storage_from_args(args) == StorageConfig("s3://bkt/p", "http://127.0.0.1:9")
+    assert storage_from_args(args) == Storage("s3://bkt/p", "http://127.0.0.1:9")
     with pytest.raises(SystemExit):
         ingest_job.build_parser().parse_args(["--source", "x", "--dataset", "fm"])  # --storage is required
 
@@ -39,10 +39,10 @@ def test_ingest_idx_then_rerun_then_append(tmp_path: Path) -> None:
             "--shard-size", "4", "--ray", "off"]
     assert ingest_job.main(base) == 0
     assert ingest_job.main(base) == 0
-    info = load_dataset_info(StorageConfig(str(tmp_path / "st")), "fm")
+    info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
     assert (info.num_samples, info.version, [s.count for s in info.shards]) == (6, 1, [4, 2])
     assert ingest_job.main([*base, "--split", "test"]) == 0
-    info = load_dataset_info(StorageConfig(str(tmp_path / "st")), "fm")
+    info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
     assert (info.num_samples, info.version) == (9, 2)
     assert info.ingests[-1]["split"] == "test" and info.ingests[-1]["added"] == 3
 
@@ -65,7 +65,7 @@ def test_s3_storage_and_missing_bucket(tmp_path: Path, moto_endpoint: str, s3_bu
     write_idx_dataset(tmp_path / "fm", 5, 1)
     argv = ["--source", f"idx:{tmp_path / 'fm'}", "--dataset", "fm", "--s3-endpoint", moto_endpoint]
     assert ingest_job.main([*argv, "--storage", f"s3://{s3_bucket}/secu"]) == 0
-    st = StorageConfig(f"s3://{s3_bucket}/secu", moto_endpoint)
+    st = Storage(f"s3://{s3_bucket}/secu", moto_endpoint)
     assert json.loads(st.read_bytes("datasets/fm/dataset.json"))["num_samples"] == 5
     caplog.set_level(logging.ERROR)
     assert ingest_job.main([*argv, "--storage", "s3://missing-bucket/secu"]) == 2

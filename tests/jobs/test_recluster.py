@@ -38,13 +38,13 @@ import torch
 from PIL import Image
 
 from jobs import recluster as recluster_job
-from pipelines.assignments import read_assignments
-from pipelines.checkpoint_lookup import checkpoint_at, list_checkpoints, load_checkpoint
-from pipelines.checkpointing import build_network, load_coordinator_state, load_training_state
-from pipelines.dataset_info import load_dataset_info, read_manifest
+from pipelines.dataset.info import load_dataset_info, read_manifest
+from pipelines.outputs.assignments import read_assignments
 from pipelines.run_lock import StorageLock
-from pipelines.storage import StorageConfig
-from pipelines.warm_start import previous_labels
+from pipelines.storage import Storage
+from pipelines.training.checkpoint_lookup import checkpoint_at, list_checkpoints, load_checkpoint
+from pipelines.training.checkpointing import build_network, load_coordinator_state, load_training_state
+from pipelines.training.warm_start import previous_labels
 from secu.metrics import hungarian_acc
 from tests.pipelines.run_builders import CLASS_NAMES, pattern_images
 
@@ -76,9 +76,9 @@ def params(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ticks(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple[StorageConfig, Path, list[str]]:
+def ticks(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple[Storage, Path, list[str]]:
     root = tmp_path_factory.mktemp("recluster")
-    storage, source = StorageConfig(str(root / "store")), root / "incoming"
+    storage, source = Storage(str(root / "store")), root / "incoming"
     write_images(source, 0, 192, seed=0)
     common = ["--storage", storage.root, "--run-id", "lake", "--source", str(source), *TINY]
     assert recluster_job.main([*common, "--tick", "t1", "--epochs", "30"]) == 0
@@ -88,7 +88,7 @@ def ticks(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> tuple[
     return storage, source, sources_t1
 
 
-def test_second_tick_ingests_only_the_new_images(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+def test_second_tick_ingests_only_the_new_images(ticks: tuple[Storage, Path, list[str]]) -> None:
     storage, _, sources_t1 = ticks
     info = load_dataset_info(storage, "lake")
     manifest = read_manifest(storage, info)
@@ -103,12 +103,12 @@ def test_second_tick_ingests_only_the_new_images(ticks: tuple[StorageConfig, Pat
         ("lake-t1", "completed", 192), ("lake-t2", "completed", 64)]
 
 
-def history(storage: StorageConfig, run_id: str) -> list[dict[str, float]]:
+def history(storage: Storage, run_id: str) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = json.loads(storage.read_bytes(f"runs/{run_id}/train_history.json"))["epochs"]
     return rows
 
 
-def test_second_tick_starts_from_the_first(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+def test_second_tick_starts_from_the_first(ticks: tuple[Storage, Path, list[str]]) -> None:
     storage = ticks[0]
     record = json.loads(storage.read_bytes("runs/lake-t2/warm_start.json"))
     assert record["source"] == storage.uri("runs/lake-t1/checkpoint-aligned")
@@ -147,7 +147,7 @@ def persisting_clusters(before: np.ndarray, now: np.ndarray) -> dict[int, int]:
     return out
 
 
-def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfig, Path, list[str]]) -> None:
+def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[Storage, Path, list[str]]) -> None:
     storage = ticks[0]
     t1 = read_assignments(storage, "lake-t1", columns=["sample_index", "cluster_h0", "checkpoint"]).to_pandas()
     t2 = read_assignments(storage, "lake-t2", columns=["sample_index", "cluster_h0", "checkpoint"]).to_pandas()
@@ -191,7 +191,7 @@ def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[StorageConfi
     assert "Drift since the previous reclustering tick" in index and "lake-t1" in index
 
 
-def test_concurrent_tick_is_refused_by_the_lock(ticks: tuple[StorageConfig, Path, list[str]],
+def test_concurrent_tick_is_refused_by_the_lock(ticks: tuple[Storage, Path, list[str]],
                                                 caplog: pytest.LogCaptureFixture) -> None:
     storage, source, _ = ticks
     args = ["--storage", storage.root, "--run-id", "lake", "--source", str(source), *TINY, "--epochs", "1"]

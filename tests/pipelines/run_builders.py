@@ -16,13 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.assignments import new_attempt, output_dir, publish, staging_dir
-from pipelines.checkpointing import TrainingState, build_network, save_checkpoint
-from pipelines.ingest import IngestOptions, ingest
-from pipelines.job_config import ComputeConfig, TrainJobConfig
-from pipelines.schema import SCHEMA_VERSION, assignment_schema, cluster_column, confidence_column, similarity_column
-from pipelines.sources import ArrayPart, ArraySource
-from pipelines.storage import StorageConfig, join
+from pipelines.dataset.ingest import IngestOptions, ingest
+from pipelines.dataset.sources import ArrayPart, ArraySource
+from pipelines.outputs.assignments import new_attempt, output_dir, publish, staging_dir
+from pipelines.outputs.schema import (
+    SCHEMA_VERSION,
+    assignment_schema,
+    cluster_column,
+    confidence_column,
+    similarity_column,
+)
+from pipelines.storage import Storage, join
+from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+from pipelines.training.job_config import ComputeConfig, TrainJobConfig
 from secu.recipes import recipe
 from secu.state import ClusterState
 
@@ -40,7 +46,7 @@ def pattern_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
-def make_dataset(storage: StorageConfig, name: str, n: int, shard_size: int, seed: int = 0) -> np.ndarray:
+def make_dataset(storage: Storage, name: str, n: int, shard_size: int, seed: int = 0) -> np.ndarray:
     """Ingest ``n`` pattern images as dataset ``name`` (with labels and class names); returns the images."""
     images, labels = pattern_images(n, seed)
     source = ArraySource("synthetic", [ArrayPart("train", images, labels)], label_names=list(CLASS_NAMES))
@@ -69,7 +75,7 @@ def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int) -> N
     save_checkpoint(directory, state, {"epoch": epoch})
 
 
-def upload_dir(storage: StorageConfig, local: str, rel: str) -> None:
+def upload_dir(storage: Storage, local: str, rel: str) -> None:
     """Copy a local directory tree to ``rel`` under ``storage``."""
     for dirpath, _, files in os.walk(local):
         for name in files:
@@ -79,7 +85,7 @@ def upload_dir(storage: StorageConfig, local: str, rel: str) -> None:
                 storage.write_bytes_atomic(join(rel, sub), handle.read())
 
 
-def add_checkpoint(storage: StorageConfig, run_id: str, dataset: str, epoch: int, name: str | None = None) -> str:
+def add_checkpoint(storage: Storage, run_id: str, dataset: str, epoch: int, name: str | None = None) -> str:
     """Write a checkpoint under ``runs/<run_id>/checkpoints/<name>`` (local or S3); returns its rel path."""
     rel = join("runs", run_id, "checkpoints", name or f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000")
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +94,7 @@ def add_checkpoint(storage: StorageConfig, run_id: str, dataset: str, epoch: int
     return rel
 
 
-def publish_assignments(storage: StorageConfig, run_id: str, dataset: str, sample_index: Sequence[int],
+def publish_assignments(storage: Storage, run_id: str, dataset: str, sample_index: Sequence[int],
                         keys: Sequence[str], shards: Sequence[str], clusters: Sequence[Any],
                         ks: Sequence[int], confidence: Sequence[Any] | None = None,
                         name: str = "assignments", files: int = 2) -> None:

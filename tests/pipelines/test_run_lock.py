@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.run_lock import LockHeldError, LockInfo, StorageLock
-from pipelines.storage import StorageConfig
+from pipelines.storage import Storage
 
 
-def race(storage: StorageConfig, contenders: int = 8) -> tuple[int, list[str]]:
+def race(storage: Storage, contenders: int = 8) -> tuple[int, list[str]]:
     """Start ``contenders`` threads acquiring the same lock at once; (winners, refusal messages)."""
     barrier = threading.Barrier(contenders)
     winners, refusals = [], []
@@ -35,7 +35,7 @@ def race(storage: StorageConfig, contenders: int = 8) -> tuple[int, list[str]]:
 
 
 def test_exactly_one_local_acquirer_wins(tmp_path: Path) -> None:
-    storage = StorageConfig(str(tmp_path))
+    storage = Storage(str(tmp_path))
     won, refusals = race(storage)
     assert won == 1 and len(refusals) == 7
     assert all("holds lock" in r and "_recluster.lock" in r and "delete the lock" in r for r in refusals)
@@ -43,7 +43,7 @@ def test_exactly_one_local_acquirer_wins(tmp_path: Path) -> None:
 
 
 def test_exactly_one_s3_acquirer_wins(moto_endpoint: str, s3_bucket: str) -> None:
-    storage = StorageConfig(f"s3://{s3_bucket}/secu", s3_endpoint=moto_endpoint)
+    storage = Storage(f"s3://{s3_bucket}/secu", s3_endpoint=moto_endpoint)
     won, refusals = race(storage, contenders=4)
     assert won == 1 and len(refusals) == 3
 
@@ -51,8 +51,8 @@ def test_exactly_one_s3_acquirer_wins(moto_endpoint: str, s3_bucket: str) -> Non
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_expired_lock_is_taken_over_and_release_spares_other_owners(
         tmp_path: Path, where: str, moto_endpoint: str, s3_bucket: str) -> None:
-    storage = (StorageConfig(str(tmp_path)) if where == "local"
-               else StorageConfig(f"s3://{s3_bucket}/p", s3_endpoint=moto_endpoint))
+    storage = (Storage(str(tmp_path)) if where == "local"
+               else Storage(f"s3://{s3_bucket}/p", s3_endpoint=moto_endpoint))
     rel = "runs/b/_recluster.lock"
     dead = LockInfo("crashed-host:1:abc", "tick x", time.time() - 100, time.time() - 1)
     storage.write_bytes_atomic(rel, dead.to_bytes())

@@ -1,4 +1,4 @@
-"""StorageConfig: validation, paths, atomic writes, local and S3 (moto server), clear failures."""
+"""Storage: validation, paths, atomic writes, local and S3 (moto server), clear failures."""
 
 from __future__ import annotations
 
@@ -9,33 +9,33 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.dataset_info import load_dataset_info
-from pipelines.storage import StorageConfig, credentials_in_env, join
+from pipelines.dataset.info import load_dataset_info
+from pipelines.storage import Storage, credentials_in_env, join
 
 
 def test_config_validation_and_normalisation(tmp_path: Path) -> None:
-    assert StorageConfig(str(tmp_path / "a" / ".." / "b")).root == str(tmp_path / "b")
-    assert StorageConfig("s3://bucket/x//y/").root == "s3://bucket/x/y"
-    assert StorageConfig("s3://bkt", "http://127.0.0.1:9000/").s3_endpoint == "http://127.0.0.1:9000"
+    assert Storage(str(tmp_path / "a" / ".." / "b")).root == str(tmp_path / "b")
+    assert Storage("s3://bucket/x//y/").root == "s3://bucket/x/y"
+    assert Storage("s3://bkt", "http://127.0.0.1:9000/").s3_endpoint == "http://127.0.0.1:9000"
     with pytest.raises(ValueError, match="storage root is empty"):
-        StorageConfig("  ")
+        Storage("  ")
     with pytest.raises(ValueError, match="not a valid S3 bucket name"):
-        StorageConfig("s3://B_ad/prefix")
+        Storage("s3://B_ad/prefix")
     with pytest.raises(ValueError, match="unsupported scheme"):
-        StorageConfig("gs://bucket/prefix")
+        Storage("gs://bucket/prefix")
     with pytest.raises(ValueError, match="must start with http"):
-        StorageConfig("s3://bucket", s3_endpoint="127.0.0.1:9000")
+        Storage("s3://bucket", s3_endpoint="127.0.0.1:9000")
 
 
 def test_paths_and_join(tmp_path: Path) -> None:
     assert join("datasets/", "/fm", "", "shards") == "datasets/fm/shards"
-    s3 = StorageConfig("s3://bucket/pre", "http://127.0.0.1:1")
+    s3 = Storage("s3://bucket/pre", "http://127.0.0.1:1")
     assert s3.path("datasets", "fm") == "bucket/pre/datasets/fm"
     assert s3.uri("datasets/fm") == "s3://bucket/pre/datasets/fm"
     assert s3.bucket == "bucket" and s3.is_s3
     fs, path = s3.pyarrow_fs_and_path("runs/r1")
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/pre/runs/r1"
-    local = StorageConfig(str(tmp_path))
+    local = Storage(str(tmp_path))
     assert local.path("a", "b") == f"{tmp_path}/a/b" and isinstance(local.filesystem, pafs.LocalFileSystem)
     assert local.child("datasets").root == str(tmp_path / "datasets")
 
@@ -43,7 +43,7 @@ def test_paths_and_join(tmp_path: Path) -> None:
 def test_pickle_carries_only_the_fields_and_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRETVALUE1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "VERYSECRETVALUE2")
-    cfg = StorageConfig("s3://bucket/p", "http://127.0.0.1:9")
+    cfg = Storage("s3://bucket/p", "http://127.0.0.1:9")
     _ = cfg.filesystem  # cached, must not travel
     blob = pickle.dumps(cfg)
     assert b"VERYSECRETVALUE2" not in blob and b"AKIDSECRETVALUE1" not in blob
@@ -53,7 +53,7 @@ def test_pickle_carries_only_the_fields_and_no_credentials(monkeypatch: pytest.M
 
 
 def test_local_files_atomic(tmp_path: Path) -> None:
-    st = StorageConfig(str(tmp_path / "root"))
+    st = Storage(str(tmp_path / "root"))
     st.check_reachable()
     assert not st.exists("a/b.txt") and st.size("a/b.txt") is None and st.list("a") == []
     st.write_bytes_atomic("a/b.txt", b"hello")
@@ -76,11 +76,11 @@ def test_local_files_atomic(tmp_path: Path) -> None:
 def test_root_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        StorageConfig(str(tmp_path / "f")).check_reachable()
+        Storage(str(tmp_path / "f")).check_reachable()
 
 
 def test_s3_roundtrip_pyarrow_and_fsspec(moto_endpoint: str, s3_bucket: str) -> None:
-    st = StorageConfig(f"s3://{s3_bucket}/root", moto_endpoint)
+    st = Storage(f"s3://{s3_bucket}/root", moto_endpoint)
     st.check_reachable()
     st.write_bytes_atomic("datasets/x/dataset.json", b"{}")
     with st.atomic_writer("datasets/x/shards/s.tar") as handle:
@@ -97,14 +97,14 @@ def test_s3_roundtrip_pyarrow_and_fsspec(moto_endpoint: str, s3_bucket: str) -> 
 
 
 def test_s3_missing_bucket_is_a_clear_error(moto_endpoint: str) -> None:
-    st = StorageConfig("s3://no-such-bucket/p", moto_endpoint)
+    st = Storage("s3://no-such-bucket/p", moto_endpoint)
     with pytest.raises(FileNotFoundError, match=r"bucket 'no-such-bucket' does not exist at endpoint "
                                                 r"http://127\.0\.0\.1:\d+: create it or fix --storage"):
         st.check_reachable()
 
 
 def test_s3_unreachable_endpoint_is_a_clear_error(moto_endpoint: str) -> None:
-    st = StorageConfig("s3://bucket/p", "http://127.0.0.1:9")  # nothing listens on port 9
+    st = Storage("s3://bucket/p", "http://127.0.0.1:9")  # nothing listens on port 9
     with pytest.raises((ConnectionError, PermissionError), match="(cannot reach|cannot access)"):
         st.check_reachable()
 
@@ -113,7 +113,7 @@ def test_half_set_credentials_fail_early(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY is not set"):
-        StorageConfig("s3://bucket/p", "http://127.0.0.1:9").check_reachable()
+        Storage("s3://bucket/p", "http://127.0.0.1:9").check_reachable()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     for name in ("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
                  "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
@@ -122,7 +122,7 @@ def test_half_set_credentials_fail_early(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_missing_dataset_names_the_ingest_command(tmp_path: Path) -> None:
-    st = StorageConfig(str(tmp_path))
+    st = Storage(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no dataset 'fmnist' under .*/datasets: run "
                                                 r"`python -m jobs.ingest .*--dataset fmnist"):
         load_dataset_info(st, "fmnist")

@@ -1,0 +1,441 @@
+"""Ingest: turn a source (folder, bucket prefix, IDX, CIFAR, STL-10) into WebDataset shards.
+
+One call appends the source's new items to ``datasets/<name>/`` (layout and commit protocol in
+``pipelines.dataset.info``):
+
+1. read ``dataset.json`` and the manifest; drop source items whose ``source_id`` is already there
+   (re-running an ingest adds nothing twice; ``--limit N`` takes the source's first N items before
+   this step, so a re-run with the same limit is a no-op too);
+2. file sources only: check every new file's header in parallel (not an image, over ``max_pixels``
+   -> skipped and counted), so that ``sample_index`` can be assigned densely before writing;
+3. assign ``sample_index = num_samples, num_samples + 1, ...`` and cut shards of ``shard_size``
+   (file sources are shuffled first, seeded, so that a shard mixes the class folders; array
+   sources keep their order, so a fresh IDX/CIFAR/STL ingest has sample_index = source row);
+4. write the shards in parallel, one Ray task per shard (each shard published atomically), with
+   progress in the log (images done of total, rate, ETA);
+5. commit: manifest, then ``dataset.json``.
+
+A failed or interrupted ingest commits nothing; its shards are not referenced and the next ingest
+writes over them. One ingest at a time per dataset: a lock file ``datasets/<name>/_ingest.lock``
+(atomic on local disks, best effort on S3) refuses a second concurrent ingest.
+
+Shard format: members sorted by name; per sample ``<key>.<ext>`` (the original bytes of a file
+source, or a PNG for array sources) and ``<key>.json`` = ``{"sample_index", "source", "label"}``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import socket
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.dataset.info import (
+    MANIFEST_SCHEMA,
+    MAX_SHARD_SIZE,
+    DatasetInfo,
+    ShardInfo,
+    commit,
+    dataset_dir,
+    empty_manifest,
+    find_dataset_info,
+    now_iso,
+    read_manifest,
+    sample_key,
+    shard_name,
+)
+from pipelines.dataset.sources import (
+    ArraySource,
+    FileTreeSource,
+    ImageHeader,
+    Source,
+    SourceItem,
+    encode_png,
+    probe_image,
+)
+from pipelines.storage import Storage, join
+
+logger = logging.getLogger(__name__)
+
+_HEAD_BYTES = 256 << 10
+_LOCK = "_ingest.lock"
+
+
+@dataclass
+class IngestOptions:
+    """How to cut and check the shards."""
+
+    shard_size: int = 10_000
+    """Samples per shard (the last shard of an ingest may hold fewer)."""
+    max_pixels: int = 50_000_000
+    """File sources: images with more pixels are skipped and counted."""
+    limit: int | None = None
+    """Take only the source's first N items (before skipping those already ingested)."""
+    use_ray: bool | None = None
+    """Run probe and shard tasks on Ray; None = when Ray is initialised."""
+    max_in_flight: int | None = None
+    """Shard tasks submitted at once; None = twice the cluster's CPUs."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise ValueError(f"shard_size={self.shard_size} must lie in [1, {MAX_SHARD_SIZE}]")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels={self.max_pixels} must be positive")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit={self.limit} must be >= 0")
+
+
+@dataclass
+class IngestResult:
+    """What one ingest did."""
+
+    dataset: str
+    added: int
+    already_present: int
+    skipped: dict[str, int]
+    """Items not ingested, by reason (``not_an_image``, ``too_large``)."""
+    shards_added: list[str]
+    num_samples: int
+    """Samples in the dataset after the ingest."""
+    seconds: float
+
+
+@dataclass
+class ShardPlan:
+    """What one shard task writes."""
+
+    number: int
+    first_index: int
+    items: list[SourceItem]
+    exts: list[str]
+    """Member extension per item (from the header check; ``png`` for array sources)."""
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.number)
+
+
+@dataclass
+class ShardWritten:
+    """What a shard task reports."""
+
+    name: str
+    count: int
+    bytes: int
+    formats: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """Logs ``done/total``, rate and ETA at most every ``every_s`` seconds (and at the end)."""
+
+    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            elapsed = max(now - self.start, 1e-9)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logger.info("%s: %d/%d images (%.1f%%), %.0f images/s, ETA %.0f s", self.what, self.done,
+                        self.total, 100.0 * self.done / max(self.total, 1), rate, eta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work done in tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_files(root: Storage, refs: Sequence[str], max_pixels: int) -> list[ImageHeader | str]:
+    """Header check of files: an ``ImageHeader`` per usable file, else the reason it is skipped."""
+    out: list[ImageHeader | str] = []
+    for ref in refs:
+        head = root.read_head(ref, _HEAD_BYTES)
+        try:
+            header = probe_image(head)
+        except ValueError:
+            if len(head) < _HEAD_BYTES:
+                out.append("not_an_image")
+                continue
+            try:  # a header beyond the first bytes (large EXIF block): read the whole file
+                header = probe_image(root.read_bytes(ref))
+            except ValueError:
+                out.append("not_an_image")
+                continue
+        out.append("too_large" if header.pixels > max_pixels else header)
+    return out
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(handle: IO[bytes], samples: Sequence[tuple[str, str, bytes, dict[str, Any]]]) -> None:
+    """Write ``(key, ext, image bytes, json dict)`` samples as a WebDataset tar with sorted members."""
+    with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ext, data, meta in sorted(samples, key=lambda s: s[0]):
+            members = {f"{key}.{ext}": data, f"{key}.json": json.dumps(meta, sort_keys=True).encode()}
+            for name in sorted(members):
+                _add_member(tar, name, members[name])
+
+
+def write_shard(storage: Storage, dataset: str, plan: ShardPlan, images: np.ndarray | None,
+                tree: Storage | None) -> ShardWritten:
+    """Write one shard: PNG-encode ``images`` (array sources) or copy the files of ``tree``."""
+    samples = []
+    for pos, item in enumerate(plan.items):
+        if images is not None:
+            data = encode_png(images[pos])
+        else:
+            assert tree is not None and isinstance(item.ref, str)
+            data = tree.read_bytes(item.ref)
+            try:
+                probe_image(data)
+            except ValueError as err:
+                raise RuntimeError(
+                    f"{item.source_id} changed while it was being ingested ({err}); re-run the ingest"
+                ) from err
+        meta = {"sample_index": plan.first_index + pos, "source": item.source_id, "label": item.label}
+        samples.append((sample_key(plan.number, pos), plan.exts[pos], data, meta))
+    rel = join(dataset_dir(dataset), "shards", plan.name)
+    with storage.atomic_writer(rel) as handle:
+        write_tar(handle, samples)
+        size = handle.tell()
+    return ShardWritten(plan.name, len(samples), int(size), sorted(set(plan.exts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_tasks(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], sizes: Sequence[int],
+               progress: Progress, use_ray: bool, max_in_flight: int | None,
+               put_first: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None) -> list[Any]:
+    """Run ``fn(*args)`` for every arg set, on Ray (bounded in flight) or inline; results in order."""
+    results: list[Any] = [None] * len(arg_sets)
+    if not use_ray:
+        for i, args in enumerate(arg_sets):
+            results[i] = fn(*(put_first(args) if put_first else args))
+            progress.update(sizes[i])
+        return results
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, int] = {}
+
+    def collect(block_for: int) -> None:
+        ready, _ = ray.wait(list(pending), num_returns=block_for)
+        for ref in ready:
+            i = pending.pop(ref)
+            results[i] = ray.get(ref)
+            progress.update(sizes[i])
+
+    try:
+        for i, args in enumerate(arg_sets):
+            if len(pending) >= limit:
+                collect(1)
+            prepared = put_first(args) if put_first else args
+            pending[remote.remote(*prepared)] = i
+        while pending:
+            collect(1)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    return results
+
+
+def _merge_label_names(info: DatasetInfo,
+                       names: list[str] | None) -> tuple[list[str] | None, dict[int, int] | None]:
+    """Labels of a new source in terms of the dataset's label names (new names are appended)."""
+    if names is None:
+        return info.label_names, None
+    if info.label_names is None:
+        if info.num_samples:
+            logger.warning("dataset %s has unnamed labels; the source's class names are not recorded",
+                           info.name)
+            return None, None
+        return list(names), None
+    merged = list(info.label_names) + [n for n in names if n not in info.label_names]
+    return merged, {i: merged.index(n) for i, n in enumerate(names)}
+
+
+class _Lock:
+    """``datasets/<name>/_ingest.lock``: O_EXCL locally, check-then-write on S3 (best effort)."""
+
+    def __init__(self, storage: Storage, dataset: str) -> None:
+        self.storage, self.rel = storage, join(dataset_dir(dataset), _LOCK)
+
+    def __enter__(self) -> _Lock:
+        note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": now_iso()}).encode()
+        hint = (f"another ingest into this dataset is running or crashed: lock {self.storage.uri(self.rel)} "
+                "exists; if no ingest is running, delete it and re-run")
+        if self.storage.is_s3:
+            if self.storage.exists(self.rel):
+                holder = self.storage.read_bytes(self.rel).decode(errors="replace")
+                raise RuntimeError(f"{hint} (holder: {holder})")
+            self.storage.write_bytes_atomic(self.rel, note)
+            return self
+        path = self.storage.path(self.rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with open(path, "rb") as handle:
+                raise RuntimeError(hint + f" (holder: {handle.read().decode(errors='replace')})") from None
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.storage.delete(self.rel)
+
+
+def ingest(storage: Storage, dataset: str, source: Source, options: IngestOptions | None = None,
+           *, source_spec: str = "", split: str = "") -> IngestResult:
+    """Append the new items of ``source`` to dataset ``dataset`` under ``storage``."""
+    options = options or IngestOptions()
+    start = time.monotonic()
+    storage.check_reachable()
+    dataset_dir(dataset)  # validates the name
+    use_ray = options.use_ray
+    if use_ray is None:
+        import ray
+
+        use_ray = ray.is_initialized()
+    with _Lock(storage, dataset):
+        info = find_dataset_info(storage, dataset) or DatasetInfo(name=dataset, created=now_iso())
+        manifest = read_manifest(storage, info) if info.num_samples else empty_manifest()
+        present = set(manifest["source"].to_pylist())
+        candidates = source.items[: options.limit] if options.limit is not None else source.items
+        new_items = [it for it in candidates if it.source_id not in present]
+        already = len(candidates) - len(new_items)
+        logger.info("ingest %s <- %s: %d items, %d already in the dataset, %d new", dataset,
+                    source_spec or type(source).__name__, len(candidates), already, len(new_items))
+        label_names, label_map = _merge_label_names(info, source.label_names)
+        if label_map is not None:
+            new_items = [SourceItem(it.source_id, None if it.label is None else label_map[it.label], it.ref)
+                         for it in new_items]
+
+        if isinstance(source, FileTreeSource):
+            # Folders are listed class by class; shuffle (seeded by name and version, so a re-run after a
+            # crash cuts the same shards) so that every shard, and so every streamed block, mixes classes.
+            random.Random(f"{dataset}:{info.version}").shuffle(new_items)
+        skipped: Counter[str] = Counter()
+        exts: list[str]
+        channels: int
+        if isinstance(source, FileTreeSource):
+            new_items, exts, channels = _probe(source, new_items, options, use_ray, skipped)
+        else:
+            pixels = int(np.prod(source.parts[0].images.shape[1:3])) if source.parts else 0
+            if pixels > options.max_pixels:
+                skipped["too_large"] += len(new_items)
+                new_items = []
+            exts, channels = ["png"] * len(new_items), source.channels
+        if not new_items:
+            if info.num_samples == 0 and not info.shards:
+                raise ValueError(
+                    f"source {source_spec or ''} has no usable images ({dict(skipped)}): check --source")
+            logger.info("ingest %s: nothing new to add (dataset has %d samples)", dataset, info.num_samples)
+            return IngestResult(dataset, 0, already, dict(skipped), [], info.num_samples,
+                                time.monotonic() - start)
+
+        plans = []
+        first, number = info.num_samples, info.next_shard_number
+        for lo in range(0, len(new_items), options.shard_size):
+            chunk = new_items[lo: lo + options.shard_size]
+            plans.append(ShardPlan(number, first, chunk, exts[lo: lo + options.shard_size]))
+            first, number = first + len(chunk), number + 1
+
+        written = _write_shards(storage, dataset, source, plans, options, use_ray)
+
+        rows = {
+            "sample_index": [plan.first_index + i for plan in plans for i in range(len(plan.items))],
+            "key": [sample_key(plan.number, i) for plan in plans for i in range(len(plan.items))],
+            "shard": [plan.name for plan in plans for _ in plan.items],
+            "label": [it.label for plan in plans for it in plan.items],
+            "source": [it.source_id for plan in plans for it in plan.items],
+        }
+        added = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA)
+        info.shards.extend(ShardInfo(w.name, p.first_index, w.count, w.bytes)
+                           for p, w in zip(plans, written, strict=True))
+        info.num_samples += added.num_rows
+        info.image_formats = sorted(set(info.image_formats) | {f for w in written for f in w.formats})
+        info.channels = max(info.channels or 1, channels)
+        info.label_names = label_names
+        info.version += 1
+        info.updated = now_iso()
+        info.ingests.append({"source": source_spec, "split": split, "added": added.num_rows,
+                             "skipped": dict(skipped), "shards": [w.name for w in written],
+                             "time": info.updated})
+        commit(storage, info, pa.concat_tables([manifest, added]))
+    seconds = time.monotonic() - start
+    logger.info("ingest %s: added %d images in %d shards (%d skipped: %s) in %.1f s; dataset has %d samples",
+                dataset, added.num_rows, len(written), sum(skipped.values()), dict(skipped), seconds,
+                info.num_samples)
+    return IngestResult(dataset, added.num_rows, already, dict(skipped), [w.name for w in written],
+                        info.num_samples, seconds)
+
+
+def _probe(source: FileTreeSource, items: list[SourceItem], options: IngestOptions, use_ray: bool,
+           skipped: Counter[str]) -> tuple[list[SourceItem], list[str], int]:
+    chunks = [items[lo: lo + options.shard_size] for lo in range(0, len(items), options.shard_size)]
+    progress = Progress("ingest: header check", len(items))
+    results = _run_tasks(
+        probe_files, [(source.root, [str(it.ref) for it in chunk], options.max_pixels) for chunk in chunks],
+        [len(c) for c in chunks], progress, use_ray, options.max_in_flight,
+    )
+    kept, exts, channels = [], [], 1
+    for chunk, headers in zip(chunks, results, strict=True):
+        for item, header in zip(chunk, headers, strict=True):
+            if isinstance(header, str):
+                skipped[header] += 1
+                if skipped[header] <= 5:
+                    logger.warning("ingest: skipping %s (%s)", item.source_id, header)
+                continue
+            kept.append(item)
+            exts.append(header.ext)
+            channels = max(channels, header.channels)
+    return kept, exts, channels
+
+
+def _write_shards(storage: Storage, dataset: str, source: Source, plans: list[ShardPlan],
+                  options: IngestOptions, use_ray: bool) -> list[ShardWritten]:
+    progress = Progress(f"ingest {dataset}: shards", sum(len(p.items) for p in plans))
+    tree = source.root if isinstance(source, FileTreeSource) else None
+
+    def with_pixels(args: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Array sources: the driver cuts this shard's images out of the (possibly memory-mapped) arrays
+        # just before submitting, so at most max_in_flight shards of pixels are held at once.
+        if not isinstance(source, ArraySource):
+            return args
+        plan: ShardPlan = args[2]
+        images = np.stack(source.rows([int(it.ref) for it in plan.items]))
+        if use_ray:
+            import ray
+
+            return (*args[:3], ray.put(images), args[4])
+        return (*args[:3], images, args[4])
+
+    return _run_tasks(write_shard, [(storage, dataset, plan, None, tree) for plan in plans],
+                      [len(p.items) for p in plans], progress, use_ray, options.max_in_flight,
+                      put_first=with_pixels)

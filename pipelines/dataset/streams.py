@@ -1,0 +1,461 @@
+"""Streaming Ray Data datasets over ingested WebDataset shards: training (two views) and evaluation.
+
+Pipeline (nothing is materialised; each epoch re-reads the shards):
+
+```
+read_webdataset(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch,
+                one read task per shard, its output split into blocks of ~ROWS_PER_BLOCK rows)
+  -> map_batches "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
+  -> map_batches "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
+  -> map_batches "eval_transform"     image (uint8 C x S x S), sample_index, key, shard, label  [evaluation]
+```
+
+The two map stages fuse into one Ray Data operator, so decoded (variable-size) pixels never enter
+the object store; only the compact encoded bytes and the fixed-size uint8 views do.
+
+Only shards listed in ``dataset.json`` are read (uncommitted shards of a failed ingest are ignored).
+Shards whose size differs from the recorded size are left out before reading (see
+``pipelines.dataset.bad_input`` for the whole bad-input policy).
+
+Decoding, whatever PIL mode the image has (documented choices):
+
+- ``L`` as is; ``1`` -> 0/255; ``I;16*`` and ``I`` (16-bit) scaled to 8 bits (x * 255 / 65535,
+  rounded; values outside 0..65535 clipped); ``F`` clipped to 0..255 (or scaled by 255 when its
+  maximum is at most 1);
+- ``RGB`` as is; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` converted to RGB by PIL;
+- alpha (``LA``, ``RGBA``, ``PA``, ``P`` with transparency): composited on black, i.e. colour times
+  alpha, so transparent pixels become black (dropping alpha instead would expose whatever colour the
+  encoder left under transparent pixels);
+- ``P`` without transparency: its palette colours (RGB);
+- then to the configured channels: grayscale replicated to 3 channels, colour to luminance
+  (ITU-R 601-2, PIL's ``L`` conversion) for 1 channel;
+- EXIF orientation is applied (phone JPEGs); multi-frame images give their first frame.
+
+Randomness: the shard order of each epoch comes from ``FileShuffleConfig(seed,
+reseed_after_execution=True)`` (reproducible per epoch, different between epochs). Augmentation
+draws are seeded per batch from a per-process generator (seeded from ``seed``, the process id and the
+clock): torch's global generator starts from the same constant in every worker process, which would
+give every worker the same views. Views are therefore not reproducible run to run.
+
+Consumers: ``streaming_split(n, equal=False)`` hands every row to exactly one consumer per epoch;
+``equal=True`` (what Ray Train's ``DataConfig`` uses for split datasets) makes the splits the same
+length and may drop up to ``n - 1`` rows per epoch (different rows each epoch because of the file
+shuffle), which a training loop with ``drop_last=True`` batches loses anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, cast
+
+import numpy as np
+import ray
+import ray.data
+from PIL import Image, ImageOps
+from ray.data import FileShuffleConfig
+
+from pipelines.dataset.bad_input import BadInputError, BadInputPolicy, BadSample, new_bad_input_counter
+from pipelines.dataset.info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info, parse_key
+from pipelines.dataset.sources import IMAGE_EXTENSIONS
+from pipelines.storage import Storage, join
+from secu.augment import EvalTransform, eval_batch
+from secu.batch_augment import BatchTwoViewAugment
+from secu.config import AugmentConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FIELD = "img"
+"""Every image member (``.png``, ``.jpg``, ...) is renamed to this field while reading."""
+DECODE_BATCH = 256
+ROWS_PER_BLOCK = 1024
+"""Read output is split into blocks of about this many rows, so that decode + augment run as many small
+tasks (the first batch arrives after ~1,000 images, not after a whole 10,000-image shard)."""
+TRAIN_COLUMNS = ("view1", "view2", "sample_index")
+EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label")
+
+__all__ = [
+    "BadInputPolicy",
+    "DatasetPlan",
+    "build_eval_dataset",
+    "build_train_dataset",
+    "decode",
+    "decode_image",
+    "plan_dataset",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one image
+# ---------------------------------------------------------------------------------------------
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "F":
+        values = array.astype(np.float64)
+        if values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    wide = np.clip(array.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _composite_on_black(array: np.ndarray) -> np.ndarray:
+    alpha = array[..., -1:].astype(np.uint16)
+    return ((array[..., :-1].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+
+
+def _luminance(rgb_HWC: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb_HWC).convert("L"))
+
+
+def pil_to_array(img: Image.Image, channels: int) -> np.ndarray:
+    """A decoded PIL image of any mode as a uint8 H x W x ``channels`` array (rules in the module doc)."""
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        gray = _scale_to_uint8(np.asarray(img), "F" if mode == "F" else "I")
+    elif mode in ("L", "1"):
+        gray = np.asarray(img.convert("L") if mode == "1" else img)
+    elif mode in ("LA", "La"):
+        gray = _composite_on_black(np.asarray(img.convert("LA")))[..., 0]
+    else:
+        if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
+            rgb = _composite_on_black(np.asarray(img.convert("RGBA")))
+        else:
+            rgb = np.asarray(img if mode == "RGB" else img.convert("RGB"))
+        if channels == 3:
+            return np.ascontiguousarray(rgb)
+        return _luminance(np.ascontiguousarray(rgb))[:, :, None]
+    gray = np.ascontiguousarray(gray)
+    if channels == 1:
+        return gray[:, :, None]
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def decode_image(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode encoded image bytes to uint8 H x W x ``channels``.
+
+    Raises:
+        ValueError: ``str(err)`` starting with the bad-input reason (``empty``, ``too_large``,
+            ``undecodable``) followed by details.
+    """
+    if not data:
+        raise ValueError("empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise _TooLarge(f"too_large: {width}x{height} pixels > max_pixels={max_pixels}")
+                img.load()
+                exif_formats = ("JPEG", "MPO", "TIFF", "WEBP")
+                oriented = ImageOps.exif_transpose(img) if img.format in exif_formats else img
+                return pil_to_array(oriented, channels)
+        except _TooLarge as err:
+            raise ValueError(str(err)) from None
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"too_large: {err}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise ValueError(f"undecodable: {type(err).__name__}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages (dict[str, np.ndarray] -> dict[str, np.ndarray])
+# ---------------------------------------------------------------------------------------------
+
+
+def _rename_member(fname: str) -> str:
+    """``s000001_0000002.JPEG`` -> ``s000001_0000002.img``; other members keep their name."""
+    slash = fname.rfind("/")
+    dot = fname.find(".", slash + 1)
+    if dot < 0:
+        return fname
+    if fname[dot + 1:].lower() in IMAGE_EXTENSIONS:
+        return fname[:dot] + "." + IMAGE_FIELD
+    return fname
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    return None
+
+
+def _sample_index(meta: bytes | None, key: str, shard: str, shard_first: Mapping[str, int]) -> int | None:
+    if meta is not None:
+        try:
+            value = json.loads(meta).get("sample_index")
+            if isinstance(value, int) and value >= 0:
+                return value
+        except (ValueError, AttributeError):
+            pass  # fall back to the key below
+    parsed = parse_key(key)
+    if parsed is not None and shard in shard_first:
+        return shard_first[shard] + parsed[1]
+    return None
+
+
+def _label(meta: bytes | None) -> int:
+    if meta is None:
+        return -1
+    try:
+        value = json.loads(meta).get("label")
+    except (ValueError, AttributeError):
+        return -1
+    return int(value) if isinstance(value, int) else -1
+
+
+def decode(batch: dict[str, np.ndarray], *, channels: int, policy: BadInputPolicy,
+           shard_first: Mapping[str, int], counter: Any) -> dict[str, np.ndarray]:
+    """Stage ``decode``: raw rows -> ``image`` (uint8 H x W x C), ids, labels; bad rows dropped, counted."""
+    keys = [str(k) for k in batch["__key__"]]
+    shards = [os.path.basename(str(u)) for u in batch["__url__"]]
+    n = len(keys)
+    images_col = batch.get(IMAGE_FIELD, np.full(n, None, dtype=object))
+    json_col = batch.get("json", np.full(n, None, dtype=object))
+    images: list[np.ndarray] = []
+    out_index, out_key, out_shard, out_label = [], [], [], []
+    bad: list[BadSample] = []
+    for i in range(n):
+        data, meta = _as_bytes(images_col[i]), _as_bytes(json_col[i])
+        if data is None:
+            bad.append(BadSample(shards[i], keys[i], "non_image_member"))
+            continue
+        index = _sample_index(meta, keys[i], shards[i], shard_first)
+        if index is None:
+            bad.append(BadSample(shards[i], keys[i], "bad_metadata", "no sample_index in json or key"))
+            continue
+        try:
+            image = decode_image(data, channels, policy.max_pixels)
+        except ValueError as err:
+            reason, _, detail = str(err).partition(": ")
+            bad.append(BadSample(shards[i], keys[i], reason, detail[:200]))
+            continue
+        images.append(image)
+        out_index.append(index)
+        out_key.append(keys[i])
+        out_shard.append(shards[i])
+        out_label.append(_label(meta))
+    if counter is not None and ray.get(counter.record.remote(len(images), bad)):
+        report = ray.get(counter.report.remote())  # a BadInputReport
+        raise BadInputError(f"too much bad input: {report.summary()}. First: {report.examples}. Fix or "
+                            "re-ingest the damaged images, or raise max_bad_fraction")
+    image_col: np.ndarray
+    if images and all(im.shape == images[0].shape for im in images):
+        image_col = np.stack(images)
+    else:
+        image_col = np.empty(len(images), dtype=object)
+        image_col[:] = images
+    return {
+        "image": image_col,
+        "sample_index": np.asarray(out_index, dtype=np.int64),
+        "key": np.asarray(out_key, dtype=object),
+        "shard": np.asarray(out_shard, dtype=object),
+        "label": np.asarray(out_label, dtype=np.int64),
+    }
+
+
+@lru_cache(maxsize=4)
+def _two_views(cfg_json: str) -> BatchTwoViewAugment:
+    return BatchTwoViewAugment(AugmentConfig(**json.loads(cfg_json)))
+
+
+@lru_cache(maxsize=4)
+def _eval_transform(cfg_json: str) -> EvalTransform:
+    return EvalTransform(AugmentConfig(**json.loads(cfg_json)))
+
+
+@lru_cache(maxsize=1)
+def _process_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, os.getpid(), time.time_ns() & 0xFFFFFFFF])
+
+
+def _empty_views(cfg: AugmentConfig) -> np.ndarray:
+    return np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
+
+
+def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int,
+                      weak_json: str | None = None) -> dict[str, np.ndarray]:
+    """Stage ``augment_two_views``: ``image`` -> ``view1``, ``view2`` (uint8 B x C x S x S), ``sample_index``
+    (the only columns left, so training iterates over tensors only). With ``weak_json`` (self-labeling),
+    ``view1`` is the first view of that weak augmentation and ``view2`` the second view of ``cfg_json``'s."""
+    aug = _two_views(cfg_json)
+    images = list(batch["image"])
+    if not images:
+        return {"view1": _empty_views(aug.cfg), "view2": _empty_views(aug.cfg),
+                "sample_index": np.zeros(0, dtype=np.int64)}
+    batch_seed = int(_process_rng(seed).integers(0, 2**62))
+    view1, view2 = aug(images, seed=batch_seed)
+    if weak_json is not None:
+        view1, _ = _two_views(weak_json)(images, seed=batch_seed + 1)
+    return {"view1": view1, "view2": view2, "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
+
+
+def eval_transform(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
+    """Stage ``eval_transform``: ``image`` -> deterministic uint8 C x S x S; ids, key, shard, label kept."""
+    transform = _eval_transform(cfg_json)
+    images = list(batch["image"])
+    out = {name: np.asarray(batch[name]) for name in ("sample_index", "key", "shard", "label")}
+    out["image"] = eval_batch(transform, images) if images else _empty_views(transform.cfg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building datasets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetPlan:
+    """What a dataset build reads, after the shard check."""
+
+    info: DatasetInfo
+    paths: list[str]
+    """Filesystem paths (no scheme) of the shards to read."""
+    shard_first: dict[str, int]
+    """first sample_index of every shard (to recover ids from keys)."""
+    excluded: dict[str, str]
+    """Shards left out, with the reason."""
+    counter: Any
+    """The ``BadInputCounter`` actor handle."""
+    max_errored_blocks: int
+    """Read tasks (= shards) allowed to fail within the policy's budget."""
+
+
+def selected_shards(info: DatasetInfo, shards: Collection[str] | None) -> list[ShardInfo]:
+    """The committed shards named in ``shards`` (all of them for None), in dataset order.
+
+    Raises:
+        ValueError: A name is not a committed shard of the dataset, or the selection is empty.
+    """
+    if shards is None:
+        return list(info.shards)
+    wanted = set(shards)
+    unknown = sorted(wanted - {s.name for s in info.shards})
+    if unknown or not wanted:
+        raise ValueError(f"dataset {info.name!r}: shards {unknown[:5] or '(none)'} are not committed shards of the "
+                         f"dataset (it has {len(info.shards)}: {info.shards[0].name if info.shards else '-'} ...); "
+                         "pass names listed in dataset.json")
+    return [s for s in info.shards if s.name in wanted]
+
+
+def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
+                 counter: Any | None = None, shards: Collection[str] | None = None) -> DatasetPlan:
+    """Check the committed shards (all, or the ones named in ``shards``) against their recorded sizes and
+    set up the bad-input counter (sized for the selected shards).
+
+    Raises:
+        FileNotFoundError: The dataset does not exist (the message names the ingest command).
+        ValueError: ``shards`` names a shard the dataset does not have.
+        BadInputError: Missing or truncated shards alone exceed the policy's budget.
+    """
+    storage.check_reachable()
+    info = load_dataset_info(storage, dataset)
+    if info.num_samples == 0:
+        raise ValueError(f"dataset {dataset!r} has no samples: ingest images first")
+    chosen = selected_shards(info, shards)
+    num_chosen = sum(s.count for s in chosen)
+    if counter is None:
+        counter = new_bad_input_counter(num_chosen, policy)
+    present = {e.path: e.size for e in storage.list(join(dataset_dir(dataset), "shards"))}
+    paths, excluded, lost = [], {}, 0
+    for shard in chosen:
+        size = present.get(shard.name)
+        if size is None:
+            excluded[shard.name] = "missing_shard"
+        elif size != shard.bytes:
+            excluded[shard.name] = "truncated_shard"
+            logger.warning("shard %s has %d bytes, %d were written at ingest: left out (%d samples)",
+                           shard.name, size, shard.bytes, shard.count)
+        else:
+            paths.append(storage.path(dataset_dir(dataset), "shards", shard.name))
+            continue
+        lost += shard.count
+        ray.get(counter.exclude_shard.remote(shard.name, excluded[shard.name], shard.count))
+    budget = policy.budget(num_chosen)
+    if lost > budget or not paths:
+        raise BadInputError(
+            f"dataset {dataset!r}: shards {sorted(excluded)} are missing or truncated ({lost} of "
+            f"{num_chosen} samples, the policy allows {budget}); restore them or re-ingest the dataset"
+        )
+    largest = max(s.count for s in chosen)
+    return DatasetPlan(info, paths, {s.name: s.first_index for s in info.shards}, excluded, counter,
+                       max_errored_blocks=(budget - lost) // max(largest, 1))
+
+
+def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
+                     shuffle: FileShuffleConfig | None) -> ray.data.Dataset:
+    # override_num_blocks = shards x split: Ray still runs exactly one read task per shard (a failing
+    # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
+    largest = max(s.count for s in plan.info.shards)
+    split = max(1, math.ceil(largest / ROWS_PER_BLOCK))
+    ds = ray.data.read_webdataset(
+        plan.paths,
+        filesystem=storage.filesystem,
+        decoder=None,
+        file_extensions=["tar"],
+        shuffle=shuffle,
+        override_num_blocks=len(plan.paths) * split,
+        filerename=_rename_member,
+        suffixes=[IMAGE_FIELD, "json"],
+    )
+    ds.context.max_errored_blocks = plan.max_errored_blocks
+    # casts: Ray types a UDF's batch as a union of formats; these stages take the numpy format they ask for.
+    return ds.map_batches(
+        cast(Any, decode), batch_size=DECODE_BATCH, batch_format="numpy",
+        fn_kwargs={"channels": channels, "policy": policy, "shard_first": plan.shard_first,
+                   "counter": plan.counter},
+    )
+
+
+def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *, seed: int,
+                        policy: BadInputPolicy | None = None, counter: Any | None = None,
+                        weak: AugmentConfig | None = None) -> ray.data.Dataset:
+    """The training stream: columns ``view1``, ``view2`` (uint8 B x C x S x S) and ``sample_index`` (int64).
+
+    Args:
+        storage: Where the dataset lives.
+        dataset: Dataset name under ``<storage>/datasets``.
+        augment: View settings (size, channels, probabilities).
+        seed: Seeds the per-epoch shard order (and the augmentation streams, see the module doc).
+        policy: Bad-input policy (default ``BadInputPolicy()``).
+        counter: A ``BadInputCounter`` to report into (to read its report or pass it to
+            ``verify_epoch``); one is created when None.
+        weak: Self-labeling: ``view1`` becomes a view of this weak augmentation (``augment_two_views``).
+    """
+    policy = policy or BadInputPolicy()
+    plan = plan_dataset(storage, dataset, policy, counter)
+    ds = _read_and_decode(storage, plan, augment.channels, policy,
+                          FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    cfg_json = json.dumps(asdict(augment))
+    return ds.map_batches(cast(Any, augment_two_views), batch_size=DECODE_BATCH, batch_format="numpy",
+                          fn_kwargs={"cfg_json": cfg_json, "seed": seed,
+                                     "weak_json": None if weak is None else json.dumps(asdict(weak))})
+
+
+def build_eval_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *,
+                       policy: BadInputPolicy | None = None, counter: Any | None = None,
+                       shards: Collection[str] | None = None) -> ray.data.Dataset:
+    """The evaluation stream: ``image`` (uint8 C x S x S, deterministic), ``sample_index``, ``key``,
+    ``shard``, ``label`` (int64, -1 when unknown). Shards (all, or those named in ``shards``) are read in
+    order (no shuffle)."""
+    policy = policy or BadInputPolicy()
+    plan = plan_dataset(storage, dataset, policy, counter, shards)
+    ds = _read_and_decode(storage, plan, augment.channels, policy, None)
+    return ds.map_batches(cast(Any, eval_transform), batch_size=DECODE_BATCH, batch_format="numpy",
+                          fn_kwargs={"cfg_json": json.dumps(asdict(augment))})

@@ -1,0 +1,334 @@
+"""Batch inference: cluster every image of a dataset with a trained checkpoint, write Parquet.
+
+Pipeline (Ray Data, streaming)::
+
+    shards (tar) --read + decode + evaluation transform (CPU tasks, pipelines.dataset.streams)--> uint8 C x S x S
+      --> Assigner actors (map_batches with an ActorPoolStrategy of N actors, model loaded once per actor;
+          one GPU each when there are GPUs)
+      --> write_parquet into runs/<run_id>/<name>/_staging-<attempt>/
+      --> verify (ids unique and in range; skipped bad images within the policy's budget)
+      --> publish (pipelines.outputs.assignments: _SUCCESS written last)
+
+Bad input follows ``pipelines.dataset.bad_input``: an image that cannot be used is skipped and counted (the
+count, reasons and first examples go into ``_SUCCESS`` under ``skipped``); more than
+``max_bad_fraction`` of the dataset fails the inference and publishes nothing.
+
+The rows follow ``pipelines.outputs.schema.assignment_schema``. Re-running replaces the published output; a
+run killed at any point leaves the previous output (or none) published and is completed by running
+it again (it starts over in a fresh staging prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.dataset.info import load_dataset_info
+from pipelines.outputs.assignments import (
+    default_output_name,
+    new_attempt,
+    output_dir,
+    publish,
+    published_files,
+    read_assignments,
+    remove_stale_staging,
+    staged_files,
+    staging_dir,
+)
+from pipelines.outputs.schema import (
+    EMBEDDING_COLUMN,
+    SCHEMA_VERSION,
+    assignment_schema,
+    cluster_column,
+    confidence_column,
+    similarity_column,
+)
+from pipelines.storage import Storage, join
+from pipelines.training.checkpoint_lookup import CheckpointRef, checkpoint_at, find_latest_checkpoint, load_checkpoint
+from secu.augment import normalize
+
+__all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
+
+logger = logging.getLogger(__name__)
+
+USE_GPU_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass
+class InferenceOptions:
+    """How the inference runs (``--set key=value`` on the command line)."""
+
+    batch_size: int = 256
+    """Images per model call in an Assigner actor."""
+    concurrency: int = 0
+    """Assigner actors; 0 = one per GPU with GPUs, else half the cluster's CPUs (at least 1)."""
+    use_gpu: str = "auto"
+    """'auto' (one GPU per actor when the cluster has GPUs), 'yes' or 'no'."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved by each Assigner actor (and torch threads it uses)."""
+    with_embeddings: bool = False
+    """Also write the L2-normalised embedding z (fixed_size_list<float32>[D]) per image."""
+    min_rows_per_file: int = 100_000
+    """Rows gathered into one Parquet file before it is written (fewer, larger files)."""
+    max_bad_fraction: float = 0.01
+    """Images that cannot be used (undecodable, too large, damaged shard) are skipped and counted
+    (``_SUCCESS`` lists them); more than this fraction of the dataset fails the inference."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.concurrency < 0:
+            raise ValueError(f"concurrency={self.concurrency} must be >= 0 (0 = automatic)")
+        if self.use_gpu not in USE_GPU_CHOICES:
+            raise ValueError(f"use_gpu={self.use_gpu!r}: choose one of {USE_GPU_CHOICES}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must lie in [0, 1]")
+        if self.min_rows_per_file < 1:
+            raise ValueError(f"min_rows_per_file={self.min_rows_per_file} must be >= 1")
+
+
+@dataclass
+class InferenceResult:
+    """What one inference published."""
+
+    run_id: str
+    name: str
+    uri: str
+    """Where the output lives."""
+    rows: int
+    checkpoint: str
+    checkpoint_epoch: int
+    dataset: str
+    seconds: float
+    """Wall time of read + model + write (Ray execution), without publish."""
+    images_per_s: float
+    marker: dict[str, Any] = field(default_factory=dict)
+    """The ``_SUCCESS`` content."""
+
+
+class Assigner:
+    """Ray Data callable class: uint8 image batches in, assignment rows (an Arrow table) out.
+
+    The model is loaded once per actor, from the checkpoint's location (downloaded when remote), so
+    only a small picklable reference travels to the actors, not the weights.
+    """
+
+    def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
+                 use_gpu: bool = False, torch_threads: int = 1) -> None:
+        """Load the network of ``checkpoint`` onto this actor's device."""
+        loaded = load_checkpoint(checkpoint)
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("an Assigner was given a GPU but torch sees none: check the CUDA install")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        if not use_gpu:
+            torch.set_num_threads(max(1, torch_threads))
+        self.network = loaded.network.to(self.device)
+        exp = loaded.job.experiment
+        self.mean, self.std = exp.augment.mean, exp.augment.std
+        self.tw = float(exp.secu.tw)
+        self.num_heads = exp.secu.num_heads
+        self.use_amp = use_gpu and exp.optim.mixed_precision
+        self.with_embeddings = with_embeddings
+        self.schema = assignment_schema(self.num_heads, exp.model.feat_dim if with_embeddings else None)
+        self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Cluster one batch with columns ``image`` (uint8 B x C x S x S), ``sample_index``, ``key``, ``shard``."""
+        images = batch["image"]
+        if images.dtype == object:  # ragged column: the transform produced arrays one by one
+            images = np.stack(list(images))
+        # Ray hands out read-only arrays; torch wants writable memory.
+        x = torch.from_numpy(np.require(images, dtype=np.uint8, requirements=["C", "W"]))
+        x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            sims_BK, z_BD = self.network.assign(x)
+        n = x.shape[0]
+        arrays: dict[str, pa.Array] = {
+            "sample_index": pa.array(np.asarray(batch["sample_index"], dtype=np.int64)),
+            "key": pa.array([str(k) for k in batch["key"]], pa.string()),
+            "shard": pa.array([str(s) for s in batch["shard"]], pa.string()),
+        }
+        for h, s_BK in enumerate(sims_BK):
+            s_BK = s_BK.float()
+            # softmax at the center temperature tw; its argmax is the argmax of the similarity.
+            prob_B, cluster_B = torch.softmax(s_BK / self.tw, dim=1).max(dim=1)
+            sim_B = s_BK.gather(1, cluster_B[:, None])[:, 0]
+            arrays[cluster_column(h)] = pa.array(cluster_B.to(torch.int32).cpu().numpy())
+            arrays[similarity_column(h)] = pa.array(sim_B.cpu().numpy().astype(np.float32))
+            arrays[confidence_column(h)] = pa.array(prob_B.cpu().numpy().astype(np.float32))
+        if self.with_embeddings:
+            z = z_BD.float().cpu().numpy().astype(np.float32, copy=False)
+            arrays[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])
+        arrays["run_id"] = pa.array([self.run_id] * n, pa.string())
+        arrays["checkpoint"] = pa.array([self.checkpoint] * n, pa.string())
+        arrays["checkpoint_epoch"] = pa.array(np.full(n, self.epoch, dtype=np.int32))
+        return pa.Table.from_arrays([arrays[name] for name in self.schema.names], schema=self.schema)
+
+
+def verify_staged(storage: Storage, staging_rel: str, num_samples: int) -> int:
+    """Check the staged files: every sample_index in [0, num_samples) at most once. Returns the rows.
+
+    Uses one byte per sample of memory (a bitmap over the dense ids), reading only that column.
+
+    Raises:
+        RuntimeError: On duplicate or out-of-range ids (a bug, or the dataset changed under the job).
+    """
+    seen = np.zeros(num_samples, dtype=bool)
+    rows = 0
+    for name in staged_files(storage, staging_rel):
+        with storage.filesystem.open_input_file(storage.path(join(staging_rel, name))) as handle:
+            ids = pq.read_table(handle, columns=["sample_index"])["sample_index"].to_numpy()
+        rows += ids.size
+        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
+            raise RuntimeError(
+                f"{name} holds sample_index outside [0, {num_samples}): the dataset changed while the "
+                "inference ran; re-run it"
+            )
+        if seen[ids].any() or np.unique(ids).size != ids.size:
+            raise RuntimeError(f"{name}: duplicate sample_index values in the staged output; re-run the inference")
+        seen[ids] = True
+    return rows
+
+
+def _resources(options: InferenceOptions) -> tuple[bool, int]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = options.use_gpu == "yes" or (options.use_gpu == "auto" and gpus > 0)
+    if options.use_gpu == "yes" and gpus == 0:
+        logger.warning("use_gpu=yes but the cluster has no GPU now; the actors wait for the autoscaler")
+    cpus = float(resources.get("CPU", 1))
+    if options.concurrency:
+        concurrency = options.concurrency
+    elif use_gpu:
+        concurrency = max(1, gpus)
+    else:
+        concurrency = max(1, int(cpus / (2 * options.cpus_per_actor)))
+    if concurrency * options.cpus_per_actor >= cpus:
+        logger.warning(
+            "%d model actors x %.1f CPUs reserve all %.0f CPUs of the cluster, leaving none for reading and "
+            "decoding: the inference waits for the autoscaler to add CPUs (and never finishes on a fixed-size "
+            "cluster). Lower concurrency or cpus_per_actor", concurrency, options.cpus_per_actor, cpus)
+    return use_gpu, concurrency
+
+
+def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
+                  checkpoint: str | None = None, output_name: str | None = None,
+                  options: InferenceOptions | None = None, shards: Sequence[str] | None = None) -> InferenceResult:
+    """Assign every image of ``dataset`` (default: the run's training dataset) and publish the rows.
+
+    Args:
+        storage: The storage root holding ``datasets/`` and ``runs/``.
+        run_id: The run; its latest complete checkpoint is used unless ``checkpoint`` is given.
+        dataset: Dataset name under ``datasets/``; default the one the checkpoint was trained on.
+        checkpoint: An explicit checkpoint directory (local or ``s3://``).
+        output_name: Output directory under the run; default ``assignments`` for the training
+            dataset and ``assignments-<dataset>`` for another one.
+        options: Batch size, actors, GPU use, embeddings.
+        shards: Only these shards of the dataset (e.g. the ones a reclustering tick added); all when None.
+            The output then holds their rows only (``_SUCCESS`` lists them under ``shards``).
+
+    Returns:
+        What was published.
+    """
+    import ray
+    import ray.data
+
+    from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter, verify_epoch
+    from pipelines.dataset.streams import build_eval_dataset, selected_shards
+
+    options = options or InferenceOptions()
+    storage.check_reachable()
+    ref = checkpoint_at(checkpoint, storage) if checkpoint else find_latest_checkpoint(storage, run_id)
+    loaded = load_checkpoint(ref)  # fail here, before any Ray work, on an unreadable checkpoint
+    if ref.run_id and ref.run_id != run_id:
+        logger.warning("checkpoint %s belongs to run %s; writing its assignments under run %s",
+                       ref.label, ref.run_id, run_id)
+    exp = loaded.job.experiment
+    train_dataset = loaded.job.dataset
+    dataset = dataset or train_dataset
+    info = load_dataset_info(storage, dataset)
+    chosen_shards = selected_shards(info, shards)  # ValueError on an unknown shard, before any Ray work
+    chosen = [s.name for s in chosen_shards]
+    expected = sum(s.count for s in chosen_shards)
+    name = output_name or default_output_name(dataset, train_dataset)
+    out_rel = output_dir(run_id, name)
+    attempt = new_attempt()
+    remove_stale_staging(storage, out_rel)
+    staging_rel = staging_dir(out_rel, attempt)
+
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu, concurrency = _resources(options)
+    logger.info("inference of run %s (checkpoint %s, epoch %d) on dataset %s (%d images): %d actor(s), %s, "
+                "batch %d -> %s", run_id, ref.label, ref.epoch, dataset, expected, concurrency,
+                "GPU" if use_gpu else "CPU", options.batch_size, storage.uri(staging_rel))
+    start = time.monotonic()
+    policy = BadInputPolicy(max_bad_fraction=options.max_bad_fraction)
+    counter = new_bad_input_counter(expected, policy)
+    ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter,
+                            shards=None if shards is None else chosen)
+    ds = ds.map_batches(
+        Assigner,
+        fn_constructor_kwargs={
+            "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
+            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
+        },
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
+        num_cpus=options.cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
+                     min_rows_per_file=options.min_rows_per_file, compression="zstd")
+    seconds = time.monotonic() - start
+    rows = verify_staged(storage, staging_rel, info.num_samples)
+    # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
+    # budget this raises BadInputError and nothing is published.
+    bad = verify_epoch(counter, rows)
+    if bad.bad:
+        logger.warning("inference skipped bad input: %s", bad.summary())
+    marker = {
+        "run_id": run_id,
+        "name": name,
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset,
+        "dataset_version": info.version,
+        "dataset_num_samples": info.num_samples,
+        "scope": "all" if shards is None else "shards",
+        "shards": None if shards is None else chosen,
+        "train_dataset": train_dataset,
+        "checkpoint": ref.label,
+        "checkpoint_epoch": ref.epoch,
+        "checkpoint_global_step": ref.global_step,
+        "num_heads": exp.secu.num_heads,
+        "ks": list(exp.secu.ks),
+        "tw": exp.secu.tw,
+        "embedding_dim": exp.model.feat_dim if options.with_embeddings else None,
+        "experiment": exp.to_dict(),
+        "options": asdict(options),
+        "attempt": attempt,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rows / max(seconds, 1e-9), 1),
+        "device": "gpu" if use_gpu else "cpu",
+        "actors": concurrency,
+        "skipped": {"count": expected - rows, "by_reason": bad.by_reason, "examples": bad.examples},
+    }
+    marker = publish(storage, out_rel, staging_rel, marker)
+    return InferenceResult(run_id=run_id, name=name, uri=storage.uri(out_rel), rows=rows, checkpoint=ref.label,
+                           checkpoint_epoch=ref.epoch, dataset=dataset, seconds=seconds,
+                           images_per_s=rows / max(seconds, 1e-9), marker=marker)
+

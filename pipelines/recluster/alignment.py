@@ -1,0 +1,238 @@
+"""Stable cluster ids across reclustering runs: center matching, a relabelled checkpoint, drift figures.
+
+A new run's cluster k is not the previous run's cluster k by construction (a warm start keeps them
+close, a fresh start does not). Per head, the new centers are matched one-to-one to the previous
+run's centers by the Hungarian algorithm on their cosine similarity (``match_centers``), and the match
+is applied once, to a copy of the new run's final checkpoint (``write_aligned_checkpoint``): center
+columns, per-cluster duals and counters and the assignment memory are permuted, so that everything
+read from that copy (inference, the next tick's warm start) uses the stable ids. The Ray Train
+checkpoints of the run are left untouched.
+
+``drift_summary`` compares two runs' labels over the images both runs labelled.
+
+Legend: D = feature dim, K = clusters of a head, H = heads, N = images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from pipelines.storage import Storage, join
+from pipelines.training.checkpoint_lookup import CheckpointRef, local_checkpoint_dir
+from pipelines.training.checkpointing import COORDINATOR_FILE, META_FILE, MODEL_FILE
+
+DRIFT_FILE = "drift.json"
+"""``runs/<run_id>/drift.json``: the drift of a reclustering tick vs the previous one (read by the report)."""
+
+CENTER_KEY = "centers.weights.{head}"
+"""Key of head h's center matrix W_h (D x K) in the network's state dict (``secu.centers.Centers``)."""
+
+
+@dataclass
+class HeadAlignment:
+    """The match of one head: new cluster j of the run gets the stable id ``mapping[j]``."""
+
+    head: int
+    k: int
+    mapping: list[int]
+    mean_similarity: float
+    """Mean cosine similarity of the matched center pairs."""
+    min_similarity: float
+    identity_frac: float
+    """Fraction of clusters that keep their id (close to 1 after a warm start)."""
+
+
+def match_centers(prev_DK: np.ndarray, new_DK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian matching of new to previous centers on cosine similarity.
+
+    Returns:
+        ``mapping_K`` (new cluster j -> previous id) and the similarity of every matched pair.
+
+    Raises:
+        ValueError: Different shapes (the runs have different K or feature dimension).
+    """
+    if prev_DK.shape != new_DK.shape:
+        raise ValueError(f"centers of shape {new_DK.shape} cannot be matched to {prev_DK.shape}: the runs must "
+                         "have the same secu.ks and model.feat_dim (start a new series otherwise)")
+    prev = prev_DK / np.maximum(np.linalg.norm(prev_DK, axis=0, keepdims=True), 1e-12)
+    new = new_DK / np.maximum(np.linalg.norm(new_DK, axis=0, keepdims=True), 1e-12)
+    sim_KK = new.T.astype(np.float64) @ prev.astype(np.float64)  # rows: new clusters, columns: previous ids
+    rows, cols = linear_sum_assignment(sim_KK, maximize=True)
+    mapping_K = np.empty(new_DK.shape[1], dtype=np.int64)
+    mapping_K[rows] = cols
+    return mapping_K, sim_KK[rows, cols]
+
+
+def align_heads(prev_network: dict[str, torch.Tensor] | None, new_network: dict[str, torch.Tensor],
+                ks: list[int]) -> list[HeadAlignment]:
+    """The match of every head (identity when there is no previous network)."""
+    out = []
+    for h, k in enumerate(ks):
+        new_DK = new_network[CENTER_KEY.format(head=h)].detach().cpu().numpy()
+        if prev_network is None:
+            mapping, sims = np.arange(k), np.ones(k)
+        else:
+            mapping, sims = match_centers(prev_network[CENTER_KEY.format(head=h)].detach().cpu().numpy(), new_DK)
+        out.append(HeadAlignment(h, k, [int(x) for x in mapping], float(sims.mean()), float(sims.min()),
+                                 float(np.mean(mapping == np.arange(k)))))
+    return out
+
+
+def relabel(labels_N: np.ndarray, mapping_K: np.ndarray) -> np.ndarray:
+    """Labels with ids replaced by ``mapping_K[label]``; -1 (no label) stays -1."""
+    out = labels_N.copy()
+    known = labels_N >= 0
+    out[known] = mapping_K[labels_N[known].astype(np.int64)].astype(labels_N.dtype)
+    return out
+
+
+def permute_clusters(values_K: torch.Tensor | np.ndarray, mapping_K: np.ndarray) -> Any:
+    """A per-cluster vector (or the last axis of a D x K matrix) moved so that entry j lands at ``mapping_K[j]``."""
+    inverse = np.argsort(mapping_K)  # position p holds the cluster j with mapping[j] == p
+    if isinstance(values_K, torch.Tensor):
+        return values_K[..., torch.from_numpy(inverse)].clone()
+    return np.asarray(values_K)[..., inverse].copy()
+
+
+def aligned_payload(model: dict[str, Any], coordinator: dict[str, Any],
+                    alignments: list[HeadAlignment]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model.pt`` and ``coordinator.pt`` contents with every per-cluster quantity in stable ids.
+
+    The optimizer state is dropped: the copy serves inference and warm starts (which start a fresh
+    optimizer), not the resumption of the run.
+    """
+    maps = [np.asarray(a.mapping, dtype=np.int64) for a in alignments]
+    network = dict(model["network"])
+    for h, mapping in enumerate(maps):
+        key = CENTER_KEY.format(head=h)
+        network[key] = permute_clusters(network[key], mapping)
+    cluster_state = {name: [permute_clusters(torch.as_tensor(v), maps[h]) for h, v in enumerate(vals)]
+                     for name, vals in model["cluster_state"].items()}
+    new_model = dict(model) | {"network": network, "optimizer": {}, "cluster_state": cluster_state}
+    shards = []
+    for shard in coordinator["shards"]:
+        prev_HN = np.stack([relabel(np.asarray(shard["prev_HN"])[h], maps[h]) for h in range(len(maps))])
+        shards.append(dict(shard) | {
+            "prev_HN": prev_HN,
+            "counters": None if shard["counters"] is None else
+            [permute_clusters(np.asarray(c), maps[h]) for h, c in enumerate(shard["counters"])],
+            "duals": None if shard["duals"] is None else
+            [permute_clusters(np.asarray(d), maps[h]) for h, d in enumerate(shard["duals"])],
+        })
+    return new_model, dict(coordinator) | {"shards": shards}
+
+
+def read_checkpoint(ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The raw ``model.pt``, ``coordinator.pt`` and metadata of a checkpoint (local or S3)."""
+    with local_checkpoint_dir(ref, extra_files=(COORDINATOR_FILE,)) as directory:
+        model = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=False)
+        coordinator = torch.load(os.path.join(directory, COORDINATOR_FILE), map_location="cpu", weights_only=False)
+        with open(os.path.join(directory, META_FILE), encoding="utf-8") as handle:
+            meta = json.load(handle)
+    return model, coordinator, meta
+
+
+def write_aligned_checkpoint(storage: Storage, rel: str, model: dict[str, Any], coordinator: dict[str, Any],
+                             meta: dict[str, Any]) -> str:
+    """Publish a checkpoint directory at ``rel``: metadata removed first and written last, so that a
+    reader never takes a half-written copy for complete (``checkpoint_lookup`` needs the metadata)."""
+    storage.delete(join(rel, META_FILE))
+    with tempfile.TemporaryDirectory(prefix="secu-aligned-") as tmp:
+        for name, payload in ((MODEL_FILE, model), (COORDINATOR_FILE, coordinator)):
+            torch.save(payload, os.path.join(tmp, name))
+            storage.upload_file_atomic(join(rel, name), os.path.join(tmp, name))
+    storage.write_bytes_atomic(join(rel, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+    return storage.uri(rel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drift between two runs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunLabels:
+    """Labels of one run: ``labels_HN[h, i]`` is image ``ids_N[i]``'s cluster in head h (-1: none)."""
+
+    ids_N: np.ndarray
+    labels_HN: np.ndarray
+    source: str
+    """Where they come from: ``assignments`` (published inference) or ``training_memory``."""
+
+
+def drift_summary(prev: RunLabels, new: RunLabels, ks: list[int], alignments: list[HeadAlignment] | None = None,
+                  top: int = 10) -> dict[str, Any]:
+    """How the clustering moved from ``prev`` to ``new`` (both in stable ids).
+
+    Per head: ``changed_frac`` over the images labelled in both runs, cluster sizes before and now,
+    ``appeared`` (empty before, not now) and ``vanished`` (not empty before, empty now) clusters,
+    ``size_tv`` (total variation distance of the size distributions, 0 = same shares, 1 = disjoint)
+    and the ``top`` largest size changes. Also image counts (common, only new, only previous).
+    """
+    common, prev_pos, new_pos = np.intersect1d(prev.ids_N, new.ids_N, assume_unique=True, return_indices=True)
+    heads = []
+    for h, k in enumerate(ks):
+        before_N, now_N = prev.labels_HN[h].astype(np.int64), new.labels_HN[h].astype(np.int64)
+        both = (before_N[prev_pos] >= 0) & (now_N[new_pos] >= 0)
+        changed = int(np.count_nonzero(before_N[prev_pos][both] != now_N[new_pos][both]))
+        sizes_before = np.bincount(before_N[before_N >= 0], minlength=k)[:k]
+        sizes_now = np.bincount(now_N[now_N >= 0], minlength=k)[:k]
+        share_before = sizes_before / max(int(sizes_before.sum()), 1)
+        share_now = sizes_now / max(int(sizes_now.sum()), 1)
+        delta = sizes_now - sizes_before
+        order = np.argsort(-np.abs(share_now - share_before), kind="stable")[:top]
+        row: dict[str, Any] = {
+            "head": h, "k": k, "compared": int(both.sum()), "changed": changed,
+            "changed_frac": changed / int(both.sum()) if both.any() else None,
+            "appeared": [int(c) for c in np.flatnonzero((sizes_before == 0) & (sizes_now > 0))],
+            "vanished": [int(c) for c in np.flatnonzero((sizes_before > 0) & (sizes_now == 0))],
+            "empty_before": int(np.count_nonzero(sizes_before == 0)),
+            "empty_now": int(np.count_nonzero(sizes_now == 0)),
+            "size_tv": float(0.5 * np.abs(share_now - share_before).sum()),
+            "largest_changes": [{"cluster": int(c), "before": int(sizes_before[c]), "now": int(sizes_now[c]),
+                                 "delta": int(delta[c]), "share_before": float(share_before[c]),
+                                 "share_now": float(share_now[c])} for c in order],
+            "sizes_before": [int(x) for x in sizes_before],
+            "sizes_now": [int(x) for x in sizes_now],
+        }
+        if alignments is not None:
+            a = alignments[h]
+            row["match"] = {"mean_similarity": a.mean_similarity, "min_similarity": a.min_similarity,
+                            "identity_frac": a.identity_frac}
+        heads.append(row)
+    return {
+        "source": new.source if new.source == prev.source else f"{prev.source}->{new.source}",
+        "images": {"previous": int(prev.ids_N.size), "current": int(new.ids_N.size), "common": int(common.size),
+                   "only_current": int(new.ids_N.size - common.size),
+                   "only_previous": int(prev.ids_N.size - common.size)},
+        "heads": heads,
+    }
+
+
+def drift_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat, namespaced figures of a drift summary for metrics files: ``drift/h{h}/...``, ``drift/images_*``."""
+    out: dict[str, float] = {f"drift/images_{k}": float(v) for k, v in summary.get("images", {}).items()}
+    for row in summary.get("heads", []):
+        prefix = f"drift/h{row['head']}/"
+        if row.get("changed_frac") is not None:
+            out[prefix + "changed_frac"] = float(row["changed_frac"])
+        out[prefix + "appeared"] = float(len(row["appeared"]))
+        out[prefix + "vanished"] = float(len(row["vanished"]))
+        out[prefix + "size_tv"] = float(row["size_tv"])
+        if "match" in row:
+            out[prefix + "match_similarity"] = float(row["match"]["mean_similarity"])
+            out[prefix + "match_identity_frac"] = float(row["match"]["identity_frac"])
+    return out
+
+
+def alignment_record(alignments: list[HeadAlignment]) -> list[dict[str, Any]]:
+    """JSON form of the matches (for the aligned checkpoint's metadata and drift.json)."""
+    return [asdict(a) for a in alignments]

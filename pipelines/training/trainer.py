@@ -1,0 +1,150 @@
+"""Driver side of training: validate, build the dataset and the coordinator, run ``TorchTrainer``.
+
+Everything a user can get wrong (config, missing dataset, unreachable storage) is checked before
+any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter
+from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest_labels
+from pipelines.dataset.streams import build_train_dataset
+from pipelines.storage import Storage
+from pipelines.training.checkpoint_lookup import checkpoint_at, list_checkpoints
+from pipelines.training.coordinator import CoordinatorClient, shard_ranges
+from pipelines.training.job_config import TrainJobConfig
+from pipelines.training.train_loop import collapsed_heads, train_loop_per_worker
+from pipelines.training.warm_start import WarmStart, prepare_warm_start
+from secu.adapt import adapt_to_collection
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass
+class TrainOutcome:
+    """What the driver reports after training."""
+
+    run_id: str
+    checkpoint_path: str | None
+    metrics: dict[str, Any]
+    epochs_run: int
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """Collapse warnings for the last epoch (empty clusters, one cluster holding most images)."""
+
+
+def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None = None) -> TrainOutcome:
+    """Train (or resume) ``job.run_id`` on the dataset, with checkpoints under the run prefix.
+
+    Args:
+        job: The validated job config.
+        storage: Where the dataset and the run live.
+        init_from: A checkpoint directory (local or ``s3://``), e.g. the previous reclustering run's, to
+            warm-start from (``pipelines.training.warm_start``) while this run has no checkpoint of its own; once
+            it has one, the run resumes from it and ``init_from`` is not used.
+    """
+    storage.check_reachable()
+    info: DatasetInfo = load_dataset_info(storage, job.dataset)
+    job = adapt_job(job, info.num_samples)
+    if info.num_samples < job.experiment.optim.batch_size:
+        raise ValueError(
+            f"dataset {job.dataset!r} has {info.num_samples} images, fewer than the global batch "
+            f"optim.batch_size={job.experiment.optim.batch_size}; lower the batch size or ingest more images"
+        )
+    warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
+    if not ray.is_initialized():
+        ray.init()
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if not job.compute.use_gpu and job.compute.num_workers * job.compute.cpus_per_worker > cluster_cpus:
+        logger.warning(
+            "the run asks for %d workers x %.1f CPUs but the cluster has %.0f CPUs now; it will wait for "
+            "the autoscaler to add nodes", job.compute.num_workers, job.compute.cpus_per_worker, cluster_cpus)
+
+    labels = load_manifest_labels(storage, job.dataset, info.num_samples)
+    true_labels = labels if bool((labels >= 0).any()) else None
+    policy = BadInputPolicy(max_bad_fraction=job.compute.max_bad_fraction)
+    bad_input_counter = new_bad_input_counter(info.num_samples, policy)
+    dataset = build_train_dataset(storage, job.dataset, job.experiment.augment, seed=job.experiment.seed,
+                                  policy=policy, counter=bad_input_counter)
+    coordinator = CoordinatorClient.create(
+        run_id=job.run_id, num_samples=info.num_samples, ks=list(job.experiment.secu.ks),
+        num_shards=job.compute.coordinator_shards, true_labels=true_labels,
+    )
+    fs, run_path = storage.pyarrow_fs_and_path(storage.join("runs", job.run_id))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.to_dict(), "storage": storage, "coordinator": coordinator,
+            "num_samples": info.num_samples, "bad_input_counter": bad_input_counter,
+            "warm_start": None if warm_start is None else ray.put(warm_start),
+        },
+        torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=job.compute.num_workers, use_gpu=job.compute.use_gpu,
+            resources_per_worker={"CPU": job.compute.cpus_per_worker} | ({"GPU": 1} if job.compute.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=run_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=job.compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep),
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    logger.info("training run %s: %d workers, dataset %s (%d images), checkpoints under %s",
+                job.run_id, job.compute.num_workers, job.dataset, info.num_samples,
+                storage.join("runs", job.run_id, CHECKPOINTS_DIR))
+    try:
+        result = trainer.fit()
+    finally:
+        coordinator.shutdown()
+    checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
+    metrics = dict(result.metrics or {})
+    return TrainOutcome(run_id=job.run_id, checkpoint_path=checkpoint_path, metrics=metrics,
+                        epochs_run=int(metrics.get("epoch", -1)) + 1,
+                        warnings=final_warnings(job, metrics, info.num_samples))
+
+
+def adapt_job(job: TrainJobConfig, num_samples: int) -> TrainJobConfig:
+    """``job`` with the schedule adapted to the collection (``secu.adapt``), logged; the run id is kept."""
+    adapted = adapt_to_collection(job.experiment, num_samples, job.compute.num_workers)
+    logger.info("run %s: %s", job.run_id, adapted.describe(num_samples))
+    if not adapted.changes:
+        return job
+    return dataclasses.replace(job, experiment=adapted.experiment)
+
+
+def final_warnings(job: TrainJobConfig, metrics: dict[str, Any], num_samples: int) -> list[str]:
+    """Collapse warnings (``secu.diagnose``) for the last epoch's memory, for the job's final lines."""
+    return collapsed_heads(metrics, job.experiment, num_samples) if "epoch" in metrics else []
+
+
+def _warm_start(job: TrainJobConfig, storage: Storage, init_from: str, num_samples: int) -> WarmStart | None:
+    """The warm start from ``init_from`` (recorded in runs/<run_id>/warm_start.json), or None when the run
+    already has a checkpoint of its own (it resumes from that instead)."""
+    if list_checkpoints(storage, job.run_id):
+        logger.info("run %s has checkpoints of its own: resuming from them, not warm-starting from %s",
+                    job.run_id, init_from)
+        return None
+    ref = checkpoint_at(init_from, storage)
+    warm = prepare_warm_start(ref, job, num_samples, shard_ranges(num_samples, job.compute.coordinator_shards))
+    record = warm.summary()
+    storage.write_bytes_atomic(storage.join("runs", job.run_id, "warm_start.json"),
+                               (json.dumps(record, indent=1) + "\n").encode())
+    logger.info("run %s warm-starts from %s (epoch %d): %d previous labels, %d new images start unlabelled",
+                job.run_id, ref.label, warm.source_epoch, warm.previous_num_samples, record["new_samples"])
+    return warm

@@ -1,0 +1,259 @@
+"""Ingest: shards, manifest and dataset.json from IDX, CIFAR, STL-10 and image folders; append, re-run."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.dataset.info import MANIFEST_SCHEMA, load_dataset_info, load_manifest_labels, read_manifest
+from pipelines.dataset.ingest import IngestOptions, ingest
+from pipelines.dataset.sources import ArraySource, load_cifar, load_stl10, open_source
+from pipelines.storage import Storage
+from tests.fixtures import image_bytes, write_cifar10, write_cifar100, write_idx_dataset, write_stl10
+
+INLINE = IngestOptions(shard_size=7, use_ray=False)
+
+
+def _tar_members(path: str) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def _samples(storage: Storage, dataset: str) -> dict[int, tuple[str, bytes, dict]]:
+    """sample_index -> (member extension, image bytes, json) over every committed shard."""
+    info = load_dataset_info(storage, dataset)
+    out: dict[int, tuple[str, bytes, dict]] = {}
+    for shard in info.shards:
+        members = _tar_members(storage.path("datasets", dataset, "shards", shard.name))
+        names = [n for n, _ in members]
+        assert names == sorted(names), "members must be sorted"
+        by_key: dict[str, dict[str, bytes]] = {}
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            by_key.setdefault(key, {})[ext] = data
+        assert len(by_key) == shard.count
+        for key, fields in by_key.items():
+            meta = json.loads(fields.pop("json"))
+            ((ext, data),) = fields.items()
+            assert "." not in key and key.startswith("s")
+            out[meta["sample_index"]] = (ext, data, meta)
+    return out
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_idx_ingest_append_and_rerun(tmp_path: Path) -> None:
+    train_x, train_y, test_x, test_y = write_idx_dataset(tmp_path / "fm", 10, 4)
+    st = Storage(str(tmp_path / "store"))
+    source = open_source(f"idx:{tmp_path / 'fm'}", split="train")
+    first = ingest(st, "fm", source, INLINE, source_spec="idx", split="train")
+    assert (first.added, first.shards_added) == (10, ["shard-000000.tar", "shard-000001.tar"])
+
+    again = ingest(st, "fm", open_source(f"idx:{tmp_path / 'fm'}", split="train"), INLINE)
+    assert (again.added, again.already_present, again.num_samples) == (0, 10, 10)
+    assert load_dataset_info(st, "fm").version == 1  # nothing committed
+
+    more = ingest(st, "fm", open_source(f"idx:{tmp_path / 'fm'}", split="all"), INLINE)
+    assert (more.added, more.already_present, more.shards_added) == (4, 10, ["shard-000002.tar"])
+
+    info = load_dataset_info(st, "fm")
+    assert info.num_samples == 14 and info.version == 2 and info.channels == 1
+    assert info.image_format == "png" and info.created and info.updated
+    assert [(s.name, s.first_index, s.count) for s in info.shards] == [
+        ("shard-000000.tar", 0, 7), ("shard-000001.tar", 7, 3), ("shard-000002.tar", 10, 4)]
+    assert all(s.bytes == st.size(f"datasets/fm/shards/{s.name}") for s in info.shards)
+
+    table = pq.read_table(st.path("datasets/fm/manifest.parquet"))
+    assert table.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
+    assert table["sample_index"].to_pylist() == list(range(14))
+    keys = table["key"].to_pylist()
+    assert len(set(keys)) == 14 and keys[7] == "s000001_0000000"
+    assert table["source"].to_pylist()[:2] == ["idx:train:0", "idx:train:1"]
+    assert table["source"].to_pylist()[10] == "idx:test:0"
+    np.testing.assert_array_equal(load_manifest_labels(st, "fm"), np.concatenate([train_y, test_y]))
+
+    samples = _samples(st, "fm")
+    assert sorted(samples) == list(range(14))
+    for index in range(14):
+        ext, data, meta = samples[index]
+        expected = train_x[index] if index < 10 else test_x[index - 10]
+        assert ext == "png"
+        np.testing.assert_array_equal(_png_array(data), expected)  # PNG is lossless
+        assert meta["label"] == int(np.concatenate([train_y, test_y])[index])
+
+
+def test_limit_then_larger_limit_adds_the_rest(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 9, 1, gz=False)  # plain, not gzipped
+    st = Storage(str(tmp_path / "store"))
+    src = open_source(f"idx:{tmp_path / 'fm'}")
+    assert ingest(st, "d", src, IngestOptions(limit=4, use_ray=False)).added == 4
+    assert ingest(st, "d", src, IngestOptions(limit=4, use_ray=False)).added == 0
+    assert ingest(st, "d", src, IngestOptions(limit=6, use_ray=False)).added == 2
+    assert read_manifest(st, load_dataset_info(st, "d"))["source"].to_pylist()[-1] == "idx:train:5"
+
+
+def test_uncommitted_manifest_rows_are_ignored(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 5, 1)
+    st = Storage(str(tmp_path / "store"))
+    ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), IngestOptions(shard_size=3, use_ray=False))
+    # A crash after the manifest but before dataset.json: put back a dataset.json naming one shard only.
+    info = load_dataset_info(st, "d")
+    info.shards, info.num_samples = info.shards[:1], info.shards[0].count
+    st.write_bytes_atomic("datasets/d/dataset.json", info.to_json().encode())
+    assert read_manifest(st, load_dataset_info(st, "d"))["sample_index"].to_pylist() == [0, 1, 2]
+    res = ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), IngestOptions(shard_size=3, use_ray=False))
+    assert (res.added, res.shards_added, res.num_samples) == (2, ["shard-000001.tar"], 5)
+
+
+def test_cifar10_cifar100_and_coarse_labels(tmp_path: Path) -> None:
+    c10 = write_cifar10(tmp_path / "c10")
+    src = load_cifar(str(tmp_path / "c10"), "cifar10", ["train", "test"])
+    assert len(src.items) == 24 and src.label_names == [f"class{k}" for k in range(10)]
+    assert src.items[5].source_id == "cifar10:data_batch_2:1"
+    np.testing.assert_array_equal(src.rows([5])[0], c10["data_batch_2"][0][1])
+    st = Storage(str(tmp_path / "store"))
+    res = ingest(st, "c10", src, IngestOptions(use_ray=False))
+    assert res.added == 24 and load_dataset_info(st, "c10").channels == 3
+    samples = _samples(st, "c10")
+    np.testing.assert_array_equal(_png_array(samples[23][1]), c10["test_batch"][0][3])
+    assert samples[23][2]["label"] == c10["test_batch"][1][3]
+
+    c100 = write_cifar100(tmp_path / "c100")
+    fine = load_cifar(str(tmp_path / "c100"), "cifar100", ["train"])
+    coarse = open_source(f"cifar100-20:{tmp_path / 'c100'}", split="test")
+    assert isinstance(coarse, ArraySource)
+    assert [it.label for it in fine.items] == c100["train"][1]
+    assert [it.label for it in coarse.items] == c100["test"][2]
+    assert coarse.label_names is not None and len(coarse.label_names) == 20
+    np.testing.assert_array_equal(coarse.rows([2])[0], c100["test"][0][2])
+
+
+def test_cifar_loader_refuses_arbitrary_pickles(tmp_path: Path) -> None:
+    import pickle
+
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": print}))
+    with pytest.raises(pickle.UnpicklingError, match="not a CIFAR python batch"):
+        load_cifar(str(tmp_path), "cifar10", ["train"])
+
+
+def test_stl10_column_major_and_unlabeled(tmp_path: Path) -> None:
+    stl = write_stl10(tmp_path / "stl", n_train=3, n_unlabeled=2)
+    src = load_stl10(str(tmp_path / "stl"), ["train", "unlabeled"])
+    assert [it.label for it in src.items] == [0, 1, 2, None, None]
+    assert src.items[3].source_id == "stl10:unlabeled:0" and src.label_names == [f"stl{k}" for k in range(10)]
+    np.testing.assert_array_equal(src.rows([1])[0], stl["train"][1])
+    np.testing.assert_array_equal(src.rows([4])[0], stl["unlabeled"][1])
+    st = Storage(str(tmp_path / "store"))
+    ingest(st, "stl", src, IngestOptions(use_ray=False))
+    samples = _samples(st, "stl")
+    assert samples[4][2]["label"] is None
+    np.testing.assert_array_equal(_png_array(samples[4][1]), stl["unlabeled"][1])
+    with pytest.raises(ValueError, match="--split 'extra' is not valid for stl10"):
+        open_source(f"stl10:{tmp_path / 'stl'}", split="extra")
+
+
+def _image_folder(root: Path) -> dict[str, bytes]:
+    files = {
+        "cat/a.png": image_bytes("RGBA"),
+        "cat/b.jpg": image_bytes("RGB", fmt="JPEG"),
+        "cat/deep/c.png": image_bytes("P"),
+        "dog/d.tif": image_bytes("CMYK", fmt="TIFF"),
+        "dog/e.png": image_bytes("I;16"),
+        "dog/f.png": image_bytes("L"),
+        "loose.png": image_bytes("LA"),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
+    (root / "big.png").write_bytes(image_bytes("L", size=(400, 300)))
+    return files
+
+
+def test_image_folder_labels_modes_and_original_bytes(tmp_path: Path) -> None:
+    files = _image_folder(tmp_path / "imgs")
+    st = Storage(str(tmp_path / "store"))
+    src = open_source(str(tmp_path / "imgs"))
+    res = ingest(st, "pets", src, IngestOptions(shard_size=3, max_pixels=100_000, use_ray=False))
+    assert res.added == 7 and res.skipped == {"not_an_image": 1, "too_large": 1}
+    info = load_dataset_info(st, "pets")
+    assert info.label_names == ["cat", "dog"] and info.channels == 3
+    assert info.image_formats == ["jpg", "png", "tiff"] and info.image_format == "mixed"
+    by_source = {meta["source"]: (ext, data, meta) for ext, data, meta in _samples(st, "pets").values()}
+    for rel, data in files.items():
+        ext, stored, meta = by_source[str(tmp_path / "imgs" / rel)]
+        assert stored == data, "the original encoding is kept byte for byte"
+        assert ext == {"a.png": "png", "b.jpg": "jpg", "d.tif": "tiff"}.get(rel.rsplit("/", 1)[-1], "png")
+        expected = {"cat": 0, "dog": 1}.get(rel.split("/")[0]) if "/" in rel else None
+        assert meta["label"] == expected
+    assert ingest(st, "pets", open_source(str(tmp_path / "imgs")),
+                  IngestOptions(max_pixels=100_000, use_ray=False)).added == 0
+
+    (tmp_path / "imgs" / "bird").mkdir()
+    (tmp_path / "imgs" / "bird" / "g.png").write_bytes(image_bytes("RGB"))
+    (tmp_path / "imgs" / "cat" / "h.png").write_bytes(image_bytes("RGB", seed=3))
+    res = ingest(st, "pets", open_source(str(tmp_path / "imgs")),
+                 IngestOptions(max_pixels=100_000, use_ray=False))
+    assert res.added == 2
+    info = load_dataset_info(st, "pets")
+    assert info.label_names == ["cat", "dog", "bird"]  # existing ids kept, the new class appended
+    sources = read_manifest(st, info)["source"].to_pylist()
+    labels = dict(zip(sources, load_manifest_labels(st, "pets"), strict=True))
+    assert labels[str(tmp_path / "imgs" / "bird" / "g.png")] == 2
+    assert labels[str(tmp_path / "imgs" / "cat" / "h.png")] == 0
+
+
+def test_concurrent_ingest_is_refused(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 3, 1)
+    st = Storage(str(tmp_path / "store"))
+    st.write_bytes_atomic("datasets/d/_ingest.lock", b'{"pid": 1}')
+    with pytest.raises(RuntimeError, match="another ingest into this dataset is running"):
+        ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), INLINE)
+
+
+def test_bad_names_and_sources(tmp_path: Path) -> None:
+    st = Storage(str(tmp_path / "store"))
+    with pytest.raises(ValueError, match="dataset name 'a/b' is not allowed"):
+        ingest(st, "a/b", open_source(str(_empty_dir(tmp_path))), INLINE)
+    with pytest.raises(FileNotFoundError, match="no train-images-idx3-ubyte"):
+        open_source(f"idx:{_empty_dir(tmp_path)}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_source(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no usable images"):
+        ingest(st, "empty", open_source(str(_empty_dir(tmp_path))), INLINE)
+    with pytest.raises(ValueError, match="shard_size=0"):
+        IngestOptions(shard_size=0)
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "empty"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def test_s3_target_and_s3_source(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> None:
+    src_root = Storage(f"s3://{s3_bucket}/lake", moto_endpoint)
+    src_root.write_bytes_atomic("a/x.png", image_bytes("RGB"))
+    src_root.write_bytes_atomic("b/y.jpg", image_bytes("RGB", fmt="JPEG"))
+    src_root.write_bytes_atomic("b/readme.md", b"text")
+    st = Storage(f"s3://{s3_bucket}/store", moto_endpoint)
+    src = open_source(f"s3://{s3_bucket}/lake", s3_endpoint=moto_endpoint)
+    expected = {f"s3://{s3_bucket}/lake/a/x.png", f"s3://{s3_bucket}/lake/b/y.jpg"}
+    assert {it.source_id for it in src.items} == expected
+    res = ingest(st, "lake", src, IngestOptions(shard_size=1, use_ray=False))
+    assert res.added == 2 and res.shards_added == ["shard-000000.tar", "shard-000001.tar"]
+    info = load_dataset_info(st, "lake")
+    assert info.label_names == ["a", "b"] and info.num_samples == 2
+    assert not st.exists("datasets/lake/_ingest.lock")
+    assert ingest(st, "lake", open_source(f"s3://{s3_bucket}/lake", s3_endpoint=moto_endpoint),
+                  IngestOptions(use_ray=False)).added == 0

@@ -1,0 +1,272 @@
+"""Batch inference to Parquet: schema, completeness, idempotent re-runs, kills, S3 (one local Ray cluster)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.dataset.info import load_dataset_info, read_manifest
+from pipelines.outputs.assignments import TEST_PAUSE_ENV, read_assignments, read_marker
+from pipelines.outputs.evaluation import evaluate_assignments
+from pipelines.outputs.inference import InferenceOptions, InferenceResult, run_inference
+from pipelines.outputs.schema import assignment_schema
+from pipelines.storage import Storage
+from pipelines.training.checkpoint_lookup import checkpoint_at, find_latest_checkpoint, load_checkpoint
+from secu.augment import EvalTransform, normalize
+from tests.pipelines.run_builders import add_checkpoint, make_dataset
+
+RUN = "r"
+N = 120
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, np.ndarray]:
+    """A local root with dataset 'tiny' (120 images, 3 shards), 'tiny-new' (30 images) and checkpoints."""
+    storage = Storage(str(tmp_path_factory.mktemp("lake")))
+    images = make_dataset(storage, "tiny", N, shard_size=40)
+    make_dataset(storage, "tiny-new", 30, shard_size=30, seed=5)
+    add_checkpoint(storage, RUN, "tiny", 1)
+    add_checkpoint(storage, RUN, "tiny", 3)
+    return storage, images
+
+
+@pytest.fixture(scope="module")
+def published(ray_cluster: None, lake: tuple[Storage, np.ndarray]) -> InferenceResult:
+    """The run's assignments of 'tiny', published once for the module."""
+    storage, _ = lake
+    return run_inference(storage, RUN, options=InferenceOptions(batch_size=32))
+
+
+def _plain_torch_clusters(storage: Storage, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Head-0 clusters and similarities computed without Ray: load, eval transform, normalise, assign."""
+    loaded = load_checkpoint(find_latest_checkpoint(storage, RUN))
+    aug = loaded.job.experiment.augment
+    t = EvalTransform(aug)
+    x = torch.stack([t(image) for image in images])
+    sims, _ = loaded.network.assign(normalize(x, aug.mean, aug.std))
+    best, cluster = sims[0].max(dim=1)
+    return cluster.numpy(), best.numpy()
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="jobs.train"):
+        find_latest_checkpoint(storage, "nope")
+    add_checkpoint(storage, "x", "tiny", 2)
+    add_checkpoint(storage, "x", "tiny", 5)
+    meta_only = tmp_path / "runs/x/checkpoints/checkpoint_9"
+    meta_only.mkdir(parents=True)
+    (meta_only / "secu_checkpoint.json").write_text('{"epoch": 9, "global_step": 90}')
+    corrupt = Path(storage.path(add_checkpoint(storage, "x", "tiny", 7)))
+    (corrupt / "secu_checkpoint.json").write_text('{"epoch": 7,')  # an interrupted upload
+
+    latest = find_latest_checkpoint(storage, "x")
+
+    assert latest.epoch == 5 and latest.label.startswith("runs/x/checkpoints/")
+    assert checkpoint_at(str(meta_only.parent / Path(latest.label).name), storage).epoch == 5
+    with pytest.raises(FileNotFoundError, match="not a complete SeCu checkpoint"):
+        checkpoint_at(str(meta_only), storage)
+
+
+@pytest.mark.ray
+def test_inference_writes_the_declared_schema_and_every_image_once(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    storage, images = lake
+    result = published
+
+    out = Path(storage.path("runs", RUN, "assignments"))
+    parts = sorted(out.glob("part-*.parquet"))
+    assert parts and result.rows == N and result.checkpoint_epoch == 3
+    for part in parts:
+        assert pq.read_schema(part).remove_metadata().equals(assignment_schema(3)), pq.read_schema(part)
+    frame = pd.read_parquet(out)  # pandas reads the directory as is (_SUCCESS is ignored)
+    assert len(frame) == N and frame["sample_index"].is_unique
+    assert sorted(frame["sample_index"]) == list(range(N))
+    manifest = read_manifest(storage, load_dataset_info(storage, "tiny")).to_pandas().set_index("sample_index")
+    frame = frame.set_index("sample_index").sort_index()
+    assert (frame["key"] == manifest["key"]).all() and (frame["shard"] == manifest["shard"]).all()
+    assert (frame["checkpoint_epoch"] == 3).all() and (frame["run_id"] == RUN).all()
+    for h, k in enumerate((10, 20, 30)):
+        assert frame[f"cluster_h{h}"].between(0, k - 1).all()
+        assert frame[f"confidence_h{h}"].between(1.0 / k, 1.0).all()
+        assert frame[f"similarity_h{h}"].between(-1.0, 1.0).all()
+    clusters, sims = _plain_torch_clusters(storage, images)
+    np.testing.assert_array_equal(frame["cluster_h0"].to_numpy(), clusters)
+    np.testing.assert_allclose(frame["similarity_h0"].to_numpy(), sims, atol=1e-5)
+    marker = read_marker(storage, RUN)
+    assert marker["rows"] == N and marker["dataset"] == "tiny" and marker["checkpoint_epoch"] == 3
+    assert [f["path"] for f in marker["files"]] == [p.name for p in parts]
+
+
+@pytest.mark.ray
+def test_rerun_replaces_rows_and_other_datasets_get_their_own_output(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    storage, _ = lake
+    assert read_assignments(storage, RUN).num_rows == N
+    result = run_inference(storage, RUN, options=InferenceOptions(batch_size=50, with_embeddings=True))
+    other = run_inference(storage, RUN, dataset="tiny-new", options=InferenceOptions(batch_size=50))
+
+    table = read_assignments(storage, RUN)
+    assert result.rows == N and table.num_rows == N  # not 2N
+    assert table.schema.equals(assignment_schema(3, 128))
+    assert table.schema.field("embedding").type == pa.list_(pa.field("item", pa.float32(), nullable=False), 128)
+    z = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    out = Path(storage.path("runs", RUN, "assignments"))
+    files = [f["path"] for f in read_marker(storage, RUN)["files"]]
+    assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", *files]
+    assert other.name == "assignments-tiny-new" and other.rows == 30
+    new = read_assignments(storage, RUN, "assignments-tiny-new")
+    assert sorted(new["sample_index"].to_pylist()) == list(range(30))
+    assert read_marker(storage, RUN, "assignments-tiny-new")["train_dataset"] == "tiny"
+
+
+@pytest.mark.ray
+def test_inference_of_selected_shards_writes_only_their_rows(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    """What reclustering's infer_scope=new uses: only the shards named (here the last of three)."""
+    storage, _ = lake
+    last = load_dataset_info(storage, "tiny").shards[-1]
+    with pytest.raises(ValueError, match="not committed shards"):
+        run_inference(storage, RUN, shards=["shard-000999.tar"], output_name="assignments-part")
+    result = run_inference(storage, RUN, shards=[last.name], output_name="assignments-part",
+                           options=InferenceOptions(batch_size=32))
+    ids = sorted(read_assignments(storage, RUN, "assignments-part")["sample_index"].to_pylist())
+    assert result.rows == last.count and ids == list(range(last.first_index, last.first_index + last.count))
+    marker = read_marker(storage, RUN, "assignments-part")
+    assert (marker["scope"], marker["shards"], marker["skipped"]["count"]) == ("shards", [last.name], 0)
+    assert read_marker(storage, RUN)["scope"] == "all"
+
+
+def ray_cluster_address() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def _start_job(storage: Storage, ray_address: str, pause: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=str(REPO), **{TEST_PAUSE_ENV: pause})
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.infer", "--storage", storage.root, "--run-id", RUN, "--batch-size", "40"],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def _kill_at_pause(proc: subprocess.Popen[str], stage: str, timeout: float = 150.0) -> None:
+    """Wait until the job reports the pause point, then SIGKILL it (and its process group)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if f"SECU-TEST-PAUSE {stage}" in line:
+            break
+        assert time.monotonic() < deadline, "".join(seen[-30:])
+    else:
+        raise AssertionError(f"the job ended before pausing at {stage!r}:\n{''.join(seen[-30:])}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.ray
+def test_inference_killed_while_publishing_is_completed_by_a_rerun(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    storage, _ = lake
+    before = read_assignments(storage, RUN, columns=["sample_index", "cluster_h0", "cluster_h2"])
+    out = Path(storage.path("runs", RUN, "assignments"))
+
+    # Killed in the middle of publishing: nothing reads as published, nothing half-valid is served.
+    _kill_at_pause(_start_job(storage, ray_cluster_address(), "unpublished"), "unpublished")
+    with pytest.raises(FileNotFoundError, match="_SUCCESS is missing"):
+        read_assignments(storage, RUN)
+
+    result = run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
+    after = read_assignments(storage, RUN).sort_by("sample_index")
+    assert result.rows == N and after.num_rows == N
+    assert after["sample_index"].to_pylist() == list(range(N))
+    assert after.select(before.column_names).equals(before.sort_by("sample_index"))
+    assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_inference_killed_after_staging_leaves_the_previous_output_published(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    storage, _ = lake
+    run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
+    before = read_assignments(storage, RUN)
+    out = Path(storage.path("runs", RUN, "assignments"))
+
+    _kill_at_pause(_start_job(storage, ray_cluster_address(), "staged"), "staged")
+
+    assert read_assignments(storage, RUN).equals(before)
+    assert [p.name for p in out.iterdir() if p.name.startswith("_staging-")]
+    run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
+    assert read_assignments(storage, RUN).num_rows == N
+    assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+
+
+def test_read_assignments_refuses_unpublished_output(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path))
+    part = tmp_path / "runs" / "r" / "assignments" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(assignment_schema(1).empty_table(), part)
+    with pytest.raises(FileNotFoundError, match="in progress or interrupted"):
+        read_assignments(storage, "r")
+    with pytest.raises(FileNotFoundError, match="absent"):
+        read_assignments(storage, "other")
+
+
+@pytest.fixture()
+def s3_root(ray_cluster: None, moto_endpoint: str, s3_bucket: str) -> Storage:
+    """A fresh bucket on the moto S3 server on 127.0.0.1 (a real HTTP endpoint that Ray workers reach)."""
+    return Storage(f"s3://{s3_bucket}/lake", s3_endpoint=moto_endpoint)
+
+
+@pytest.mark.ray
+def test_infer_evaluate_report_jobs_on_s3(s3_root: Storage, capsys: pytest.CaptureFixture[str]) -> None:
+    """The three job entrypoints against an S3 endpoint on loopback, checkpoint read from S3."""
+    from jobs import evaluate, infer, report
+
+    storage = s3_root
+    make_dataset(storage, "tiny", 60, shard_size=30)
+    rel = add_checkpoint(storage, RUN, "tiny", 4)
+    common = ["--storage", storage.root, "--s3-endpoint", str(storage.s3_endpoint), "--run-id", RUN]
+
+    assert infer.main([*common, "--checkpoint", storage.uri(rel), "--batch-size", "30"]) == 0
+
+    marker = read_marker(storage, RUN)
+    assert marker["rows"] == 60 and marker["checkpoint"] == storage.uri(rel)
+    assert marker["checkpoint_epoch"] == 4
+    names = [e.path for e in storage.list("runs/r/assignments")]
+    assert "_SUCCESS" in names and not [n for n in names if "_staging-" in n]
+    part = next(n for n in names if n.startswith("part-"))
+    with storage.filesystem.open_input_file(storage.path("runs/r/assignments", part)) as handle:
+        assert pq.read_schema(handle).remove_metadata().equals(assignment_schema(3))
+    assert sorted(read_assignments(storage, RUN)["sample_index"].to_pylist()) == list(range(60))
+
+    assert evaluate.main(common) == 0
+    assert "ACC" in capsys.readouterr().out
+    metrics = evaluate_assignments(storage, RUN)
+    assert metrics["protocol"]["labelled_rows"] == 60 and storage.exists("runs/r/metrics.json")
+
+    assert report.main([*common, "--set", "top=2", "--set", "random=1"]) == 0
+    assert capsys.readouterr().out.strip() == storage.uri("runs/r/report/index.html")
+    uploaded = {e.path for e in storage.list("runs/r/report", recursive=True)}
+    assert {"index.html", "clusters/c0000.html", "clusters/c0009.html"} <= uploaded
+    index = storage.read_bytes("runs/r/report/index.html").decode()
+    thumbs = set(re.findall(r'src="(thumbs/[^"]+)"', index))
+    assert thumbs and thumbs <= uploaded  # every image the index shows was uploaded

@@ -1,0 +1,91 @@
+"""Stable cluster ids: Hungarian center matching, the relabelled checkpoint payload, drift figures (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.recluster.alignment import (
+    CENTER_KEY,
+    RunLabels,
+    align_heads,
+    aligned_payload,
+    drift_metrics,
+    drift_summary,
+    match_centers,
+    permute_clusters,
+    relabel,
+)
+from pipelines.training.coordinator import STATE_FORMAT
+
+
+def test_match_recovers_a_permutation_under_noise() -> None:
+    rng = np.random.default_rng(0)
+    prev_DK = rng.normal(size=(16, 12))
+    perm = rng.permutation(12)  # new cluster j is previous cluster perm[j]
+    new_DK = prev_DK[:, perm] * rng.uniform(0.5, 2.0, size=12) + 0.05 * rng.normal(size=(16, 12))
+    mapping, sims = match_centers(prev_DK, new_DK)
+    assert mapping.tolist() == perm.tolist()
+    assert sims.min() > 0.95
+    with pytest.raises(ValueError, match="same secu.ks"):
+        match_centers(prev_DK, new_DK[:, :10])
+
+
+def test_permuted_centers_assign_the_mapped_ids() -> None:
+    """Argmax over the permuted centers == mapping[argmax over the original centers], for every image."""
+    rng = np.random.default_rng(1)
+    w_DK = torch.from_numpy(rng.normal(size=(8, 6)))
+    z_ND = torch.from_numpy(rng.normal(size=(50, 8)))
+    mapping = rng.permutation(6)
+    before = (z_ND @ w_DK).argmax(dim=1).numpy()
+    after = (z_ND @ permute_clusters(w_DK, mapping)).argmax(dim=1).numpy()
+    assert after.tolist() == mapping[before].tolist()
+    labels = np.array([0, 5, -1, 2], dtype=np.int16)
+    assert relabel(labels, mapping).tolist() == [mapping[0], mapping[5], -1, mapping[2]]
+    assert relabel(labels, mapping).dtype == np.int16
+
+
+def test_aligned_payload_permutes_centers_duals_and_memory_consistently() -> None:
+    rng = np.random.default_rng(2)
+    ks = [3, 4]
+    prev = {CENTER_KEY.format(head=h): torch.from_numpy(rng.normal(size=(5, k))) for h, k in enumerate(ks)}
+    perms = [rng.permutation(k) for k in ks]
+    new_net = {CENTER_KEY.format(head=h): prev[CENTER_KEY.format(head=h)][:, torch.from_numpy(perms[h])].clone()
+               for h in range(2)} | {"encoder.w": torch.ones(2)}
+    alignments = align_heads(prev, new_net, ks)
+    assert [a.mapping for a in alignments] == [p.tolist() for p in perms]
+    duals = [torch.arange(k, dtype=torch.float64) for k in ks]
+    model = {"network": new_net, "optimizer": {"state": 1}, "cluster_state": {"counters": duals, "duals": duals},
+             "epoch": 3}
+    labels_HN = np.array([[0, 1, 2, -1], [3, 0, 1, 2]], dtype=np.int16)
+    coord = {"format": STATE_FORMAT, "ranges": [[0, 4]], "ks": ks,
+             "shards": [{"lo": 0, "hi": 4, "prev_HN": labels_HN, "counters": [d.numpy() for d in duals],
+                         "duals": None}]}
+    new_model, new_coord = aligned_payload(model, coord, alignments)
+    for h in range(2):
+        # the aligned centers equal the previous run's, and the memory/duals moved with them
+        assert torch.allclose(new_model["network"][CENTER_KEY.format(head=h)], prev[CENTER_KEY.format(head=h)])
+        assert new_coord["shards"][0]["prev_HN"][h].tolist() == relabel(labels_HN[h], perms[h]).tolist()
+        moved = new_model["cluster_state"]["duals"][h]
+        assert all(moved[perms[h][j]] == duals[h][j] for j in range(ks[h]))
+    assert new_model["optimizer"] == {} and new_model["epoch"] == 3
+    assert new_model["network"]["encoder.w"] is new_net["encoder.w"]
+    assert coord["shards"][0]["prev_HN"] is labels_HN  # the input is not modified
+
+
+def test_drift_summary_by_hand() -> None:
+    prev = RunLabels(np.array([0, 1, 2, 3]), np.array([[0, 0, 1, 1]]), "assignments")
+    new = RunLabels(np.array([0, 1, 2, 3, 4, 5]), np.array([[0, 2, 1, 1, 2, 2]]), "assignments")
+    summary = drift_summary(prev, new, [4])
+    row = summary["heads"][0]
+    assert summary["images"] == {"previous": 4, "current": 6, "common": 4, "only_current": 2, "only_previous": 0}
+    assert (row["compared"], row["changed"], row["changed_frac"]) == (4, 1, 0.25)
+    assert row["appeared"] == [2] and row["vanished"] == [] and row["empty_now"] == 1
+    assert row["sizes_before"] == [2, 2, 0, 0] and row["sizes_now"] == [1, 2, 3, 0]
+    # shares before 0.5 0.5 0 0, now 1/6 1/3 1/2 0: TV = (1/3 + 1/6 + 1/2) / 2
+    assert row["size_tv"] == pytest.approx(0.5)
+    assert row["largest_changes"][0]["cluster"] == 2
+    flat = drift_metrics(summary)
+    assert flat["drift/h0/changed_frac"] == 0.25 and flat["drift/h0/appeared"] == 1.0
+    assert flat["drift/images_common"] == 4.0
