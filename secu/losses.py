@@ -40,19 +40,29 @@ def representation_loss(
     labels_B: torch.Tensor,
     tx: float,
     tau: float,
+    targets_from: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Loss_x: cross-view soft targets mixed with the stored label, against frozen epoch-start centers.
 
     X = z P / tx; T1 = (1 - tau) softmax(X2) + tau onehot(y), T2 likewise with X1 (targets detached);
     Loss_x = -mean sum T1 log softmax(X1) - mean sum T2 log softmax(X2).
+
+    ``targets_from``: the features (two views) whose logits build T1 and T2 when they are not ``z1, z2``
+    themselves. The ImageNet predictor (spec 3.6) passes the projection features: its outputs learn to
+    match the projection's cross-view targets, not targets made from its own logits.
     """
     snap = snapshot_DK.detach().to(z1_BD.dtype)
     x1_BK = z1_BD @ snap / tx
     x2_BK = z2_BD @ snap / tx
     onehot_BK = F.one_hot(labels_B.long(), snap.shape[1]).to(x1_BK.dtype)
     with torch.no_grad():
-        t1_BK = (1 - tau) * F.softmax(x2_BK, dim=1) + tau * onehot_BK
-        t2_BK = (1 - tau) * F.softmax(x1_BK, dim=1) + tau * onehot_BK
+        if targets_from is None:
+            tx1_BK, tx2_BK = x1_BK, x2_BK
+        else:
+            tx1_BK = targets_from[0].to(z1_BD.dtype) @ snap / tx
+            tx2_BK = targets_from[1].to(z1_BD.dtype) @ snap / tx
+        t1_BK = (1 - tau) * F.softmax(tx2_BK, dim=1) + tau * onehot_BK
+        t2_BK = (1 - tau) * F.softmax(tx1_BK, dim=1) + tau * onehot_BK
     loss1 = -(t1_BK * F.log_softmax(x1_BK, dim=1)).sum(dim=1).mean()
     loss2 = -(t2_BK * F.log_softmax(x2_BK, dim=1)).sum(dim=1).mean()
     return loss1 + loss2

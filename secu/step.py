@@ -166,8 +166,10 @@ def secu_step(
         if out.psims1_BK is not None and out.psims2_BK is not None:
             assert out.p1_BD is not None and out.p2_BD is not None
             loss_c = loss_c + center_loss(out.psims1_BK[h], out.psims2_BK[h], labels_HB[h], cfg.tw)
+            # Spec 3.6: the predictor matches the cross-view targets of the projection's logits.
             loss_x = loss_x + representation_loss(
-                out.p1_BD.float(), out.p2_BD.float(), snap, repr_HB[h], cfg.tx, cfg.tau
+                out.p1_BD.float(), out.p2_BD.float(), snap, repr_HB[h], cfg.tx, cfg.tau,
+                targets_from=(out.z1_BD.float(), out.z2_BD.float()),
             )
     divisor = (4 if out.psims1_BK is not None else 2) * heads
     loss_c, loss_x = loss_c / divisor, loss_x / divisor

@@ -19,7 +19,9 @@ def ref_center_loss(s1: list[list[float]], s2: list[list[float]], y: list[int], 
     return total
 
 
-def ref_repr_loss(z1, z2, p, y, tx, tau) -> float:  # type: ignore[no-untyped-def]
+def ref_repr_loss(z1, z2, p, y, tx, tau, t1=None, t2=None) -> float:  # type: ignore[no-untyped-def]
+    """Predictions from z1, z2; targets from t1, t2 (default: z1, z2 themselves)."""
+    t1, t2 = (z1, z2) if t1 is None else (t1, t2)
     b, k = len(z1), len(p[0])
     d = len(z1[0])
 
@@ -32,7 +34,7 @@ def ref_repr_loss(z1, z2, p, y, tx, tau) -> float:  # type: ignore[no-untyped-de
         return [v / sum(e) for v in e]
 
     total = 0.0
-    for a, other in ((z1, z2), (z2, z1)):
+    for a, other in ((z1, t2), (z2, t1)):
         acc = 0.0
         for i in range(b):
             xa, xo = logits(a[i]), logits(other[i])
@@ -62,6 +64,28 @@ def test_repr_loss_matches_reference() -> None:
     got = representation_loss(z1, z2, p, y, tx=0.5, tau=0.2)
     ref = ref_repr_loss(z1.tolist(), z2.tolist(), p.tolist(), y.tolist(), 0.5, 0.2)
     assert abs(float(got) - ref) < 1e-5
+
+
+def test_predictor_repr_loss_takes_its_targets_from_the_projection() -> None:
+    """Spec 3.6 (ImageNet variant): predictor outputs against the projection's cross-view targets."""
+    gen = torch.Generator().manual_seed(2)
+    z1, z2, q1, q2 = (F.normalize(torch.randn(4, 6, generator=gen), dim=1) for _ in range(4))
+    p = F.normalize(torch.randn(6, 3, generator=gen), dim=0)
+    y = torch.tensor([1, 0, 2, 2])
+    got = representation_loss(q1, q2, p, y, tx=0.5, tau=0.2, targets_from=(z1, z2))
+    ref = ref_repr_loss(q1.tolist(), q2.tolist(), p.tolist(), y.tolist(), 0.5, 0.2, z1.tolist(), z2.tolist())
+    own = ref_repr_loss(q1.tolist(), q2.tolist(), p.tolist(), y.tolist(), 0.5, 0.2)
+    assert abs(float(got) - ref) < 1e-5
+    assert abs(ref - own) > 1e-3  # the old form (targets from the predictor's own logits) differs
+
+
+def test_predictor_targets_carry_no_gradient_into_the_projection() -> None:
+    gen = torch.Generator().manual_seed(3)
+    z1, z2, q1, q2 = (F.normalize(torch.randn(4, 6, generator=gen), dim=1).requires_grad_() for _ in range(4))
+    p = F.normalize(torch.randn(6, 3, generator=gen), dim=0)
+    representation_loss(q1, q2, p, torch.tensor([0, 1, 2, 0]), 0.5, 0.2, targets_from=(z1, z2)).backward()
+    assert z1.grad is None and z2.grad is None
+    assert q1.grad is not None and float(q1.grad.abs().sum()) > 0
 
 
 def test_gradient_reaches_only_assigned_centers_weighted_by_hardness() -> None:

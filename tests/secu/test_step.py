@@ -206,3 +206,39 @@ def test_later_epoch_trains_representation_with_stored_label() -> None:
     assert abs(res_prev.loss_repr - float(expected.detach())) < 1e-5
     assert abs(res.loss_repr - res_prev.loss_repr) > 1e-3
     assert res_prev.changed_B.sum() == 6  # every stored label differs from the new one
+
+
+def test_predictor_step_matches_spec_3_6() -> None:
+    """ImageNet variant: divisor 4H; the predictor's representation term uses the projection's targets."""
+    from secu.config import AugmentConfig, ExperimentConfig, ModelConfig
+    from secu.losses import center_loss, representation_loss
+    from secu.network import build_network
+
+    torch.manual_seed(0)
+    exp = ExperimentConfig(model=ModelConfig(backbone="small_cnn", in_channels=1, cnn_width=8, feat_dim=16,
+                                             mlp="imagenet", predictor=True),
+                           secu=SeCuConfig(ks=(3, 5), constraint="size"),
+                           augment=AugmentConfig(image_size=16, channels=1, mean=(0.5,), std=(0.5,)))
+    net = build_network(exp)
+    gen = torch.Generator().manual_seed(5)
+    v1, v2 = torch.randn(8, 1, 16, 16, generator=gen), torch.randn(8, 1, 16, 16, generator=gen)
+    ids = torch.arange(8)
+    prev = torch.stack([torch.arange(8) % 3, torch.arange(8) % 5])
+    snapshot = net.centers.snapshot()
+    res = secu_step(net, v1, v2, ids, prev, snapshot, ClusterState.create((3, 5)), exp.secu)
+    out = net(v1, v2)  # BatchNorm in training mode normalises by batch statistics: the same outputs again
+    want_x, want_c = 0.0, 0.0
+    for h in range(2):
+        z1, z2, p1, p2 = out.z1_BD.float(), out.z2_BD.float(), out.p1_BD.float(), out.p2_BD.float()
+        want_x += float(representation_loss(z1, z2, snapshot[h], prev[h], exp.secu.tx, exp.secu.tau))
+        want_x += float(representation_loss(p1, p2, snapshot[h], prev[h], exp.secu.tx, exp.secu.tau,
+                                            targets_from=(z1, z2)))
+        want_c += float(center_loss(out.sims1_BK[h], out.sims2_BK[h], res.labels_HB[h], exp.secu.tw))
+        want_c += float(center_loss(out.psims1_BK[h], out.psims2_BK[h], res.labels_HB[h], exp.secu.tw))
+    assert abs(res.loss_repr - want_x / 8) < 1e-5
+    assert abs(res.loss_center - want_c / 8) < 1e-5
+    own = sum(float(representation_loss(out.p1_BD.float(), out.p2_BD.float(), snapshot[h], prev[h],
+                                        exp.secu.tx, exp.secu.tau)) for h in range(2))
+    proj = sum(float(representation_loss(out.z1_BD.float(), out.z2_BD.float(), snapshot[h], prev[h],
+                                         exp.secu.tx, exp.secu.tau)) for h in range(2))
+    assert abs(res.loss_repr - (own + proj) / 8) > 1e-4  # the superseded form gives another value
