@@ -25,7 +25,7 @@ from pipelines.outputs.schema import cluster_column, confidence_column, similari
 from pipelines.storage import Storage, join
 from pipelines.training.metrics_log import HISTORY_FILE
 from secu.diagnose import collapse_message
-from secu.metrics import contingency, evaluate_clustering, size_stats
+from secu.metrics import evaluate_clustering, size_stats
 
 logger = logging.getLogger(__name__)
 
@@ -165,18 +165,6 @@ def write_metrics(storage: Storage, run_id: str, result: dict[str, Any]) -> str:
     rel = join("runs", run_id, metrics_file(str(result.get("output", DEFAULT_NAME))))
     storage.write_bytes_atomic(rel, (json.dumps(result, indent=1, default=float) + "\n").encode())
     return storage.uri(rel)
-
-
-def confusion(storage: Storage, run_id: str, name: str = DEFAULT_NAME, head: int = 0) -> np.ndarray | None:
-    """Contingency table (classes x clusters) of ``head``, or None without labels."""
-    marker = read_marker(storage, run_id, name)
-    table = read_assignments(storage, run_id, name, columns=["sample_index", cluster_column(head)])
-    labels = load_labels(storage, marker["dataset"])
-    y_true = labels_for(labels, table["sample_index"].to_numpy())
-    if not (y_true >= 0).any():
-        return None
-    pred = table[cluster_column(head)].to_numpy().astype(np.int64)
-    return contingency(y_true, pred, num_clusters=int(marker["ks"][head]))
 
 
 def format_table(result: dict[str, Any]) -> str:
