@@ -52,8 +52,16 @@ from pipelines.outputs.schema import (
     similarity_column,
 )
 from pipelines.storage import Storage, join
-from pipelines.training.checkpoint_lookup import CheckpointRef, checkpoint_at, find_latest_checkpoint, load_checkpoint
+from pipelines.training.checkpoint_lookup import (
+    CheckpointRef,
+    LoadedCheckpoint,
+    checkpoint_at,
+    find_latest_checkpoint,
+    load_checkpoint,
+)
 from secu.augment import normalize
+from secu.config import ExperimentConfig
+from secu.precision import autocast_dtype
 
 __all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
 
@@ -138,6 +146,7 @@ class Assigner:
         self.tw = float(exp.secu.tw)
         self.num_heads = exp.secu.num_heads
         self.use_amp = use_gpu and exp.optim.mixed_precision
+        self.amp_dtype = autocast_dtype(self.device)
         self.with_embeddings = with_embeddings
         self.schema = assignment_schema(self.num_heads, exp.model.feat_dim if with_embeddings else None)
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
@@ -151,7 +160,7 @@ class Assigner:
         # Ray hands out read-only arrays; torch wants writable memory.
         x = torch.from_numpy(np.require(images, dtype=np.uint8, requirements=["C", "W"]))
         x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             sims_BK, z_BD = self.network.assign(x)
         n = x.shape[0]
         arrays: dict[str, pa.Array] = {
@@ -224,6 +233,52 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
     return use_gpu, concurrency
 
 
+def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[CheckpointRef, LoadedCheckpoint]:
+    """The explicit ``checkpoint``, else the run's latest complete one, loaded (a warning when of another run)."""
+    ref = checkpoint_at(checkpoint, storage) if checkpoint else find_latest_checkpoint(storage, run_id)
+    loaded = load_checkpoint(ref)
+    if ref.run_id and ref.run_id != run_id:
+        logger.warning("checkpoint %s belongs to run %s; writing its assignments under run %s",
+                       ref.label, ref.run_id, run_id)
+    return ref, loaded
+
+
+def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: CheckpointRef, run_id: str,
+                       options: InferenceOptions, use_gpu: bool, concurrency: int) -> None:
+    """Run ``concurrency`` Assigner actors over the evaluation stream ``ds``; write their rows under ``staging_rel``."""
+    import ray.data
+
+    ds = ds.map_batches(
+        Assigner,
+        fn_constructor_kwargs={
+            "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
+            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
+        },
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
+        num_cpus=options.cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
+                     min_rows_per_file=options.min_rows_per_file, compression="zstd")
+
+
+def _model_fields(ref: CheckpointRef, exp: ExperimentConfig, options: InferenceOptions) -> dict[str, Any]:
+    """The ``_SUCCESS`` entries naming the checkpoint, the heads and the settings of the inference."""
+    return {
+        "checkpoint": ref.label,
+        "checkpoint_epoch": ref.epoch,
+        "checkpoint_global_step": ref.global_step,
+        "num_heads": exp.secu.num_heads,
+        "ks": list(exp.secu.ks),
+        "tw": exp.secu.tw,
+        "embedding_dim": exp.model.feat_dim if options.with_embeddings else None,
+        "experiment": exp.to_dict(),
+        "options": asdict(options),
+    }
+
+
 def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
                   checkpoint: str | None = None, output_name: str | None = None,
                   options: InferenceOptions | None = None, shards: Sequence[str] | None = None) -> InferenceResult:
@@ -244,20 +299,14 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
         What was published.
     """
     import ray
-    import ray.data
 
     from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter, verify_epoch
     from pipelines.dataset.streams import build_eval_dataset, selected_shards
 
     options = options or InferenceOptions()
     storage.check_reachable()
-    ref = checkpoint_at(checkpoint, storage) if checkpoint else find_latest_checkpoint(storage, run_id)
-    loaded = load_checkpoint(ref)  # fail here, before any Ray work, on an unreadable checkpoint
-    if ref.run_id and ref.run_id != run_id:
-        logger.warning("checkpoint %s belongs to run %s; writing its assignments under run %s",
-                       ref.label, ref.run_id, run_id)
-    exp = loaded.job.experiment
-    train_dataset = loaded.job.dataset
+    ref, loaded = _checkpoint(storage, run_id, checkpoint)  # fails here, before any Ray work, when unreadable
+    exp, train_dataset = loaded.job.experiment, loaded.job.dataset
     dataset = dataset or train_dataset
     info = load_dataset_info(storage, dataset)
     chosen_shards = selected_shards(info, shards)  # ValueError on an unknown shard, before any Ray work
@@ -268,7 +317,6 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
     attempt = new_attempt()
     remove_stale_staging(storage, out_rel)
     staging_rel = staging_dir(out_rel, attempt)
-
     if not ray.is_initialized():
         ray.init()
     use_gpu, concurrency = _resources(options)
@@ -280,20 +328,7 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
     counter = new_bad_input_counter(expected, policy)
     ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter,
                             shards=None if shards is None else chosen)
-    ds = ds.map_batches(
-        Assigner,
-        fn_constructor_kwargs={
-            "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
-            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
-        },
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
-        num_cpus=options.cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-    )
-    ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
-                     min_rows_per_file=options.min_rows_per_file, compression="zstd")
+    _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency)
     seconds = time.monotonic() - start
     rows = verify_staged(storage, staging_rel, info.num_samples)
     # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
@@ -311,15 +346,7 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
         "scope": "all" if shards is None else "shards",
         "shards": None if shards is None else chosen,
         "train_dataset": train_dataset,
-        "checkpoint": ref.label,
-        "checkpoint_epoch": ref.epoch,
-        "checkpoint_global_step": ref.global_step,
-        "num_heads": exp.secu.num_heads,
-        "ks": list(exp.secu.ks),
-        "tw": exp.secu.tw,
-        "embedding_dim": exp.model.feat_dim if options.with_embeddings else None,
-        "experiment": exp.to_dict(),
-        "options": asdict(options),
+        **_model_fields(ref, exp, options),
         "attempt": attempt,
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / max(seconds, 1e-9), 1),
