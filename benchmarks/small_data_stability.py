@@ -23,7 +23,7 @@ test's two Ray workers use (16 each). A run is:
   does) have ACC < 0.9 against the 3 classes, i.e. two classes share a center.
 
 Also recorded per run: whether the training loop's warning for cycling duals
-(``pipelines.training.train_loop.cycling_heads``) would fire on the last epoch (its label-change condition is
+(``secu.diagnose.cycling_heads``) would fire on the last epoch (its label-change condition is
 the definition of cycling above, so it cannot fire on a run that is not cycling; what the runs test is
 its batch-share condition); the median over the last
 epoch's steps of the largest share of the batch that one cluster took (1/3 when balanced, 1.0 in a
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import LoadProbe, base_parser, print_table, start_result, summarize, write_result
-from pipelines.training.train_loop import CYCLE_CHANGED_FRAC, cycling_heads
 from secu.adapt import adapt_to_collection
 from secu.augment import normalize
 from secu.batch_augment import BatchTwoViewAugment
 from secu.config import ExperimentConfig, apply_overrides
+from secu.diagnose import CYCLE_CHANGED_FRAC, cycling_heads
 from secu.local_train import predict, train_in_memory
 from secu.metrics import hungarian_acc
 from secu.recipes import recipe

@@ -14,9 +14,15 @@ The message names the likely cause and the settings to change (docs/benchmarks.m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from secu.config import ExperimentConfig
+
+logger = logging.getLogger(__name__)
 
 LARGEST_SHARE_MIN = 0.5
 """A head whose largest cluster holds more than max(this, 3/K) of the images is flagged."""
@@ -71,5 +77,56 @@ def collapse_messages(sizes_HK: Sequence[Sequence[int] | np.ndarray], *, where: 
     for h, sizes in enumerate(sizes_HK):
         msg = collapse_message(h, sizes, where=where)
         if msg is not None:
+            out.append(msg)
+    return out
+
+
+CYCLE_CHANGED_FRAC = 0.25
+"""Share of stored labels changed in an epoch from which a high batch share counts as cycling duals."""
+
+
+def cycling_heads(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
+    """Heads whose size-constraint duals look locked in a cycle in this epoch's ``metrics``.
+
+    The signature (docs/benchmarks.md, "Small-data stability"): after the warm-up, one cluster takes a
+    median of at least 1.8/K (and at least half) of each global batch while a quarter or more of the stored
+    labels change in the epoch: the duals, which move by up to dual_lr * lratio / K per step, exceed the
+    cost margins between centers and hand the batch to one cluster after another.
+    """
+    if exp.secu.constraint != "size" or metrics["epoch"] <= exp.optim.warmup_epochs:
+        return []
+    return [h for h, k in enumerate(exp.secu.ks)
+            if k >= 3 and metrics.get(f"clusters/h{h}/largest_batch_share", 0.0) >= max(0.5, 1.8 / k)
+            and metrics.get(f"clusters/h{h}/changed_frac", 0.0) >= CYCLE_CHANGED_FRAC]
+
+
+def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
+    """Log a warning for every head of ``cycling_heads``; returns those heads."""
+    heads = cycling_heads(metrics, exp)
+    for h in heads:
+        k = exp.secu.ks[h]
+        logger.warning(
+            "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the "
+            "stored labels changed: the size-constraint duals look locked in a cycle (each step sends most "
+            "of its batch to one cluster in turn), so these clusters are not settling. It happens when a "
+            "dual's step dual_lr * lratio / K = %.3g exceeds the cost margins between centers, typically "
+            "with few images per cluster; see 'Small-data stability' in docs/benchmarks.md",
+            metrics["epoch"], h, k, 100 * metrics[f"clusters/h{h}/largest_batch_share"],
+            100 * metrics[f"clusters/h{h}/changed_frac"], exp.secu.dual_lr * exp.secu.lratio / k)
+    return heads
+
+
+def collapsed_heads(metrics: dict[str, Any], exp: ExperimentConfig, num_samples: int) -> list[str]:
+    """Warnings (``secu.diagnose``) for heads whose memory has empty clusters or one cluster holding most of
+    the images at this epoch's end; none during the warm-up, when clusters are still forming."""
+    if metrics["epoch"] < exp.optim.warmup_epochs:
+        return []
+    out = []
+    for h, k in enumerate(exp.secu.ks):
+        labelled = round(metrics.get(f"clusters/h{h}/labelled_frac", 0.0) * num_samples)
+        msg = collapse_from_stats(h, k, int(metrics.get(f"clusters/h{h}/empty", 0)),
+                                  float(metrics.get(f"clusters/h{h}/max_size_frac", 0.0)), labelled,
+                                  where=f"the training memory after epoch {metrics['epoch']}")
+        if msg:
             out.append(msg)
     return out

@@ -13,6 +13,7 @@ Legend: N = images, H = heads, K = clusters of one head, B = batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +23,11 @@ import torch
 from secu.augment import EvalTransform, eval_batch, normalize
 from secu.batch_augment import BatchTwoViewAugment
 from secu.config import ExperimentConfig
+from secu.epoch import run_epoch
+from secu.method import Batch
 from secu.network import SeCuNetwork, build_network
-from secu.optim import build_optimizer, set_learning_rates
-from secu.schedules import lr_schedule
+from secu.secu_method import SeCuMethod
 from secu.state import ClusterState, LocalMemory
-from secu.step import secu_step
 
 
 @dataclass
@@ -37,6 +38,31 @@ class LocalRun:
     memory: LocalMemory
     state: ClusterState
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
+             seed: int) -> Iterator[Batch]:
+    """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``."""
+    iters = len(images) // batch
+    for it in range(iters):
+        ids = order[it * batch:(it + 1) * batch]
+        v1, v2 = aug([images[i] for i in ids.tolist()], seed=seed * 1_000_003 + epoch * iters + it)
+        yield {"sample_index": ids, "view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
+
+
+def _memory_metrics(memory: LocalMemory, before_HN: torch.Tensor, ks: tuple[int, ...], epoch: int
+                    ) -> dict[str, float]:
+    """Per head: share of stored labels changed in the epoch, empty clusters, largest cluster's share."""
+    out: dict[str, float] = {}
+    for h, k in enumerate(ks):
+        labels = memory.labels_HN[h]
+        seen = labels >= 0
+        sizes = np.bincount(labels[seen].numpy(), minlength=k)
+        changed = float((before_HN[h][seen] != labels[seen]).float().mean()) if epoch else 1.0
+        out[f"clusters/h{h}/changed_frac"] = changed
+        out[f"clusters/h{h}/empty"] = int((sizes == 0).sum())
+        out[f"clusters/h{h}/largest_frac"] = float(sizes.max() / max(1, sizes.sum()))
+    return out
 
 
 def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None) -> LocalRun:
@@ -51,52 +77,21 @@ def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = Non
         raise ValueError(f"{n} images are fewer than one batch of optim.batch_size={batch}")
     torch.manual_seed(exp.seed)
     order_gen = torch.Generator().manual_seed(exp.seed + 2)
-    net = build_network(exp)
-    opt = build_optimizer(net.encoder.parameters(), net.centers.parameters(), exp.optim)
+    method = SeCuMethod(exp, build_network(exp), iters)
     aug = BatchTwoViewAugment(exp.augment)
-    mean, std = exp.augment.mean, exp.augment.std
-    lrs, clrs = lr_schedule(iters, exp.optim)
-    heads = exp.secu.num_heads
-    state, memory = ClusterState.create(exp.secu.ks), LocalMemory(n, heads)
-    run = LocalRun(net, memory, state)
+    memory = LocalMemory(n, exp.secu.num_heads)
+    run = LocalRun(method.base, memory, method.state)
     for epoch in range(exp.optim.epochs):
-        net.train()
-        snapshot = net.centers.snapshot()
         order = torch.randperm(n, generator=order_gen)
         before_HN = memory.labels_HN.clone()
-        shares_HS: list[list[float]] = [[] for _ in range(heads)]
-        loss_sum = 0.0
-        for it in range(iters):
-            t = epoch * iters + it
-            set_learning_rates(opt, float(lrs[t]), float(clrs[t]))
-            ids = order[it * batch:(it + 1) * batch]
-            v1, v2 = aug([images[i] for i in ids.tolist()], seed=exp.seed * 1_000_003 + t)
-            prev = None if epoch == 0 else memory.read(ids)
-            res = secu_step(net, normalize(torch.from_numpy(v1), mean, std),
-                            normalize(torch.from_numpy(v2), mean, std), ids, prev, snapshot, state, exp.secu)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            opt.step()
-            memory.write(ids, res.labels_HB)
-            state = res.state
-            loss_sum += float(res.loss.detach())
-            for h, share in enumerate(res.largest_share_H):
-                shares_HS[h].append(share)
-        metrics: dict[str, Any] = {"epoch": epoch, "train/loss": loss_sum / iters, "train/steps": iters}
-        for h, k in enumerate(exp.secu.ks):
-            labels = memory.labels_HN[h]
-            seen = labels >= 0
-            sizes = np.bincount(labels[seen].numpy(), minlength=k)
-            metrics[f"clusters/h{h}/changed_frac"] = (
-                float((before_HN[h][seen] != labels[seen]).float().mean()) if epoch else 1.0)
-            metrics[f"clusters/h{h}/largest_batch_share"] = float(np.median(shares_HS[h]))
-            metrics[f"clusters/h{h}/empty"] = int((sizes == 0).sum())
-            metrics[f"clusters/h{h}/largest_frac"] = float(sizes.max() / max(1, sizes.sum()))
-        state = state.at_epoch_end(exp.secu.constraint)
+        result = run_epoch(method, _batches(images, order, aug, batch, epoch, exp.seed), memory, epoch,
+                           batch_size=batch)
+        metrics: dict[str, Any] = {"epoch": epoch, **result.summary.metrics,
+                                   **_memory_metrics(memory, before_HN, exp.secu.ks, epoch)}
         run.history.append(metrics)
         if log is not None:
             log(metrics)
-    run.state = state
+    run.state = method.state
     return run
 
 

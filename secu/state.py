@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -52,7 +53,11 @@ class ClusterState:
 
 
 class LocalMemory:
-    """Assignment memory y_h[i] for N instances and H heads in one process; -1 = no label yet."""
+    """Assignment memory y_h[i] for N instances and H heads in one process; -1 = no label yet.
+
+    It is a ``secu.method.LabelStore``: writes land at once, so the labels read in an epoch are the
+    latest ones (the coordinator of a Ray run serves the previous epoch's; SeCu reads each image once
+    per epoch, so the two agree for it)."""
 
     def __init__(self, num_samples: int, num_heads: int):
         self.labels_HN = torch.full((num_heads, num_samples), -1, dtype=torch.int32)
@@ -64,3 +69,17 @@ class LocalMemory:
     def write(self, sample_index_B: torch.Tensor, labels_HB: torch.Tensor) -> None:
         """Store new labels (H x B)."""
         self.labels_HN[:, sample_index_B.long().cpu()] = labels_HB.to(torch.int32).cpu()
+
+    def labels_for(self, sample_index_B: np.ndarray) -> np.ndarray:
+        """``LabelStore``: stored labels int64 [H, B] of the given ids."""
+        ids_B = torch.from_numpy(np.asarray(sample_index_B, dtype=np.int64))
+        return self.labels_HN[:, ids_B].numpy().astype(np.int64)
+
+    def write_async(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> None:
+        """``LabelStore``: store new labels [H, B] (at once; ``epoch`` is not checked in one process)."""
+        ids_B = torch.from_numpy(np.asarray(sample_index_B, dtype=np.int64))
+        self.write(ids_B, torch.from_numpy(np.asarray(labels_HB)))
+
+    def flush(self) -> int:
+        """``LabelStore``: nothing is pending in one process."""
+        return 0

@@ -24,9 +24,10 @@ from pipelines.storage import Storage
 from pipelines.training.checkpoint_lookup import checkpoint_at, list_checkpoints
 from pipelines.training.coordinator import CoordinatorClient, shard_ranges
 from pipelines.training.job_config import TrainJobConfig
-from pipelines.training.train_loop import collapsed_heads, train_loop_per_worker
+from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker
 from pipelines.training.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection
+from secu.diagnose import collapsed_heads
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,9 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
     fs, run_path = storage.pyarrow_fs_and_path(storage.join("runs", job.run_id))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": job.to_dict(), "storage": storage, "coordinator": coordinator,
-            "num_samples": info.num_samples, "bad_input_counter": bad_input_counter,
-            "warm_start": None if warm_start is None else ray.put(warm_start),
-        },
+        train_loop_config={"inputs": WorkerInputs(
+            job=job, storage=storage, coordinator=coordinator, num_samples=info.num_samples,
+            bad_input_counter=bad_input_counter, warm_start=None if warm_start is None else ray.put(warm_start))},
         torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.compute.num_workers, use_gpu=job.compute.use_gpu,

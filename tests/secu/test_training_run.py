@@ -1,19 +1,22 @@
 """A short training run of the real step, model, augmentations, optimiser and schedule on a small
-synthetic image set: the loss falls and the clusters do not collapse into one."""
+synthetic image set, through the Ray-free epoch (``secu.epoch.run_epoch``) and ``SeCuMethod``: the
+loss falls and the clusters do not collapse into one."""
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from secu.augment import TwoViewAugment, augment_batch, normalize
 from secu.config import AugmentConfig, ExperimentConfig, ModelConfig, OptimConfig, SeCuConfig
+from secu.epoch import run_epoch
+from secu.method import Batch
 from secu.metrics import size_stats
 from secu.model import Encoder
 from secu.network import SeCuNetwork
-from secu.optim import build_optimizer, set_learning_rates
-from secu.schedules import lr_schedule
-from secu.state import ClusterState, LocalMemory
+from secu.secu_method import SeCuMethod
+from secu.state import LocalMemory
 from secu.step import secu_step
 
 
@@ -35,6 +38,15 @@ def synthetic_images(n_per_class: int, size: int, seed: int) -> list[np.ndarray]
     return images
 
 
+def augmented_batches(images: list[np.ndarray], aug: TwoViewAugment, batch: int) -> Iterator[Batch]:
+    """One epoch of full batches in a random order (global RNG), views made by the per-image augmentation."""
+    perm = torch.randperm(len(images))
+    for it in range(len(images) // batch):
+        ids = perm[it * batch:(it + 1) * batch]
+        v1, v2 = augment_batch(aug, [images[i] for i in ids])
+        yield {"sample_index": ids, "view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
+
+
 def test_short_training_run_lowers_loss_without_collapse() -> None:
     torch.manual_seed(0)
     size, batch = 16, 32
@@ -49,33 +61,15 @@ def test_short_training_run_lowers_loss_without_collapse() -> None:
     n = len(images)
     net = SeCuNetwork(Encoder(cfg.model), cfg.model.feat_dim, cfg.secu.ks)
     initial = copy.deepcopy(net)
-    opt = build_optimizer(net.encoder.parameters(), net.centers.parameters(), cfg.optim)
+    method = SeCuMethod(cfg, net, n // batch)
     aug = TwoViewAugment(cfg.augment)
-    iters = n // batch
-    lrs, clrs = lr_schedule(iters, cfg.optim)
-    state, memory = ClusterState.create(cfg.secu.ks), LocalMemory(n, len(cfg.secu.ks))
+    memory = LocalMemory(n, len(cfg.secu.ks))
     epoch_losses = []
     for epoch in range(cfg.optim.epochs):
-        snapshot = net.centers.snapshot()
-        perm = torch.randperm(n)
-        total = 0.0
-        for it in range(iters):
-            t = epoch * iters + it
-            set_learning_rates(opt, float(lrs[t]), float(clrs[t]))
-            ids = perm[it * batch:(it + 1) * batch]
-            v1, v2 = augment_batch(aug, [images[i] for i in ids])
-            v1_t = normalize(torch.from_numpy(v1), cfg.augment.mean, cfg.augment.std)
-            v2_t = normalize(torch.from_numpy(v2), cfg.augment.mean, cfg.augment.std)
-            prev = None if epoch == 0 else memory.read(ids)
-            res = secu_step(net, v1_t, v2_t, ids, prev, snapshot, state, cfg.secu)
-            opt.zero_grad()
-            res.loss.backward()
-            opt.step()
-            memory.write(ids[res.write_mask_B], res.labels_HB[:, res.write_mask_B])
-            state = res.state
-            total += float(res.loss.detach())
-        state = state.at_epoch_end(cfg.secu.constraint)
-        epoch_losses.append(total / iters)
+        result = run_epoch(method, augmented_batches(images, aug, batch), memory, epoch, batch_size=batch)
+        assert result.steps == n // batch and result.images == n
+        epoch_losses.append(result.summary.metrics["train/loss"])
+    state = method.state
     assert all(np.isfinite(epoch_losses))
     # SeCu's targets move (labels, snapshot, duals), so the running loss is not monotone. Measure the
     # objective at the end, with everything but the parameters fixed: trained vs initial parameters.

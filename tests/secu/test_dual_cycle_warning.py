@@ -1,4 +1,4 @@
-"""The warning for size-constraint duals locked in a cycle (``pipelines.training.train_loop.warn_if_duals_cycle``).
+"""The warning for size-constraint duals locked in a cycle (``secu.diagnose.warn_if_duals_cycle``).
 
 The signature was measured with ``python -m benchmarks.small_data_stability`` (docs/benchmarks.md,
 "Small-data stability"): cycling runs had a median largest batch share of 0.64-1.0 with a quarter to
@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from pipelines.training.train_loop import warn_if_duals_cycle
+from secu.diagnose import warn_if_duals_cycle
 from secu.recipes import recipe
 
 
@@ -26,7 +26,7 @@ def metrics(epoch: int, shares: tuple[float, ...], changed: tuple[float, ...]) -
 def test_cycling_head_is_named_with_the_dual_step(caplog: pytest.LogCaptureFixture) -> None:
     exp = recipe("fashion-mnist-cpu")
     exp.secu.ks = (3, 6)
-    with caplog.at_level(logging.WARNING, logger="pipelines.training.train_loop"):
+    with caplog.at_level(logging.WARNING, logger="secu.diagnose"):
         assert warn_if_duals_cycle(metrics(10, (0.67, 0.35), (0.34, 0.02)), exp) == [0]
     assert "head 0 (K=3)" in caplog.text and "67%" in caplog.text and "34%" in caplog.text
     assert "dual_lr * lratio / K = 0.03" in caplog.text and "Small-data stability" in caplog.text
@@ -49,7 +49,7 @@ def test_no_warning_without_the_signature(epoch: int, share: float, changed: flo
 
 
 def test_collapsed_memory_is_named_after_the_warm_up_under_either_constraint() -> None:
-    from pipelines.training.train_loop import collapsed_heads
+    from secu.diagnose import collapsed_heads
 
     for constraint in ("size", "entropy"):
         exp = recipe("fashion-mnist-cpu")

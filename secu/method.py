@@ -1,0 +1,126 @@
+"""What a clustering method is to the epoch that trains it (``secu.epoch.run_epoch``).
+
+A method owns its networks, optimizers, schedules and whatever state is not learned by gradient; the
+epoch owns the order of things: batches, the label store, counting. Per epoch::
+
+    method.before_epoch(epoch, context)          # SeCu: snapshot the centers; ProPos: a feature pass
+    for batch in batches:                         # full batches only
+        out = method.train_step(batch, stored)    # forward, losses, backward, every optimizer it steps
+        store.write_async(ids[out.write_mask_B], out.labels_HB[:, out.write_mask_B], epoch)
+    store.flush()
+    summary = method.after_epoch()                # metrics (identical on every rank), cluster state
+
+The interface fits, without special cases in the loop: a method that needs a pass over every image's
+features before an epoch (``needs_feature_pass`` and ``EpochContext.feature_batches``), one with
+per-batch losses only (``train_step`` returns no labels), and one with several networks and
+optimizers stepped at different rates (``train_step`` steps whatever it holds; ``wrap_networks``
+gives each network to the distributed wrapper).
+
+A ``LabelStore`` is where per-image labels live between epochs: ``secu.state.LocalMemory`` in one
+process, the coordinator client (``pipelines.training.coordinator``) on a Ray cluster.
+
+Legend: B = batch, H = heads, N = images.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from secu.state import ClusterState
+
+Batch = dict[str, torch.Tensor]
+"""One batch: ``sample_index`` (int64 [B]) and the method's inputs (``view1``, ``view2``: uint8 or float
+[B, C, S, S], not normalised; ``image`` for a deterministic feature pass)."""
+
+
+class LabelStore(Protocol):
+    """Per-image labels of the previous epoch (read) and of the current one (written)."""
+
+    def labels_for(self, sample_index_B: np.ndarray) -> np.ndarray:
+        """Labels int [H, B] stored in the previous epoch for these ids; -1 where there is none."""
+        ...
+
+    def write_async(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> None:
+        """Store this epoch's new labels [H, B]; a store may send them later, by ``flush`` at the latest."""
+        ...
+
+    def flush(self) -> int:
+        """Finish every pending write; returns the rows written since the previous flush."""
+        ...
+
+
+@dataclass
+class EpochContext:
+    """What the epoch offers a method besides its training batches."""
+
+    feature_batches: Callable[[], Iterable[Batch]] | None = None
+    """A fresh deterministic pass over every image of this worker's part (key ``image``), for methods with
+    ``needs_feature_pass``; None where the runner has none."""
+
+
+@dataclass
+class StepOutput:
+    """What one training step hands back to the epoch."""
+
+    labels_HB: torch.Tensor | None = None
+    """New labels of the batch's images for the store; None for a method that stores none."""
+    write_mask_B: torch.Tensor | None = None
+    """Which rows to write (first occurrence of an id in the global batch); None: every row."""
+
+
+@dataclass
+class EpochSummary:
+    """The end of an epoch as a method sees it."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Training metrics, identical on every rank (the method reduces across ranks)."""
+    cluster_state: ClusterState | None = None
+    """Counters and duals as they stand at the epoch end (before any carry-over), for the label store's
+    epoch close and statistics; None for a method without such state."""
+
+
+class ClusteringMethod(ABC):
+    """One clustering method, trained by ``secu.epoch.run_epoch``; SeCu is ``secu.secu_method.SeCuMethod``."""
+
+    name: ClassVar[str]
+    needs_feature_pass: ClassVar[bool] = False
+    """True when ``before_epoch`` needs ``EpochContext.feature_batches``."""
+
+    @abstractmethod
+    def wrap_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each trained network by ``wrap(network)`` (DDP); called once, before any restore."""
+
+    @abstractmethod
+    def before_epoch(self, epoch: int, context: EpochContext) -> None:
+        """Prepare ``epoch`` (snapshots, passes over the data, schedules)."""
+
+    @abstractmethod
+    def train_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        """One optimisation step on ``batch``, whose stored labels are ``stored_HB`` (int64 [H, B], -1: none)."""
+
+    @abstractmethod
+    def after_epoch(self) -> EpochSummary:
+        """Close the epoch: reduce metrics across ranks and carry state into the next epoch."""
+
+    def progress(self) -> str:
+        """A short account of the running epoch for a progress log line."""
+        return ""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue training after the last ``after_epoch`` (networks, optimizers, state)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``; keys a warm start does not carry (e.g. ``optimizer``) may be missing."""
+
+    @abstractmethod
+    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster of every head and its confidence for normalised images [B, C, S, S]: ([H, B], [H, B])."""

@@ -1,0 +1,147 @@
+"""SeCu as a ``secu.method.ClusteringMethod``: the network, its optimizer and schedule, the cluster state
+and ``secu.step.secu_step``, stepped once per batch (SeCu, ICCV 2023; spec sections 3 and 4).
+
+Legend: B = batch, H = heads, K = clusters of one head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secu import distributed
+from secu.augment import normalize
+from secu.config import ExperimentConfig
+from secu.method import Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.network import SeCuNetwork
+from secu.optim import build_optimizer, set_learning_rates
+from secu.precision import autocast_dtype
+from secu.schedules import lr_schedule
+from secu.state import ClusterState
+from secu.step import secu_step
+
+
+class SeCuMethod(ClusteringMethod):
+    """SeCu's per-step training with the per-iteration schedules of ``iters_per_epoch`` steps an epoch."""
+
+    name = "secu"
+
+    def __init__(self, exp: ExperimentConfig, net: SeCuNetwork, iters_per_epoch: int,
+                 device: torch.device | None = None) -> None:
+        self.exp = exp
+        self.base = net
+        self.net: nn.Module = net
+        self.device = device or torch.device("cpu")
+        self.optimizer = build_optimizer(net.encoder.parameters(), net.centers.parameters(), exp.optim)
+        self.iters_per_epoch = iters_per_epoch
+        self.lrs, self.clrs = lr_schedule(iters_per_epoch, exp.optim)
+        self.state = ClusterState.create(exp.secu.ks)
+        self.global_step = 0
+        self.use_amp = self.device.type == "cuda" and exp.optim.mixed_precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = autocast_dtype(self.device)
+        self.epoch = 0
+        self._begin_sums()
+
+    def _begin_sums(self) -> None:
+        self.snapshot: list[torch.Tensor] = []
+        self.steps = 0
+        self.sums = [0.0, 0.0, 0.0]  # loss, center term, representation term
+        self.shares_HS: list[list[float]] = [[] for _ in self.exp.secu.ks]
+
+    def wrap_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """The encoder and centers are one network (one DDP wrapper); the optimizer keeps its parameters."""
+        self.net = wrap(self.net)
+
+    def before_epoch(self, epoch: int, context: EpochContext) -> None:
+        """Training mode and the epoch-start snapshot P_h of the centers (spec 3.5)."""
+        self.epoch = epoch
+        self._begin_sums()
+        self.net.train()
+        self.snapshot = [p.to(self.device) for p in self.base.centers.snapshot()]
+
+    def _schedule_index(self) -> int:
+        return min(self.epoch * self.iters_per_epoch + self.steps, len(self.lrs) - 1)
+
+    def train_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        """``secu_step`` on the two views, then one optimizer step at this iteration's lr and clr."""
+        t = self._schedule_index()
+        set_learning_rates(self.optimizer, float(self.lrs[t]), float(self.clrs[t]))
+        mean, std = self.exp.augment.mean, self.exp.augment.std
+        ids = batch["sample_index"].long()
+        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
+        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            result = secu_step(self.net, view1, view2, ids.to(self.device), stored_HB.to(self.device),
+                               self.snapshot, self.state, self.exp.secu)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(result.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state = result.state
+        for i, value in enumerate((float(result.loss.detach()), result.loss_center, result.loss_repr)):
+            self.sums[i] += value
+        for h, share in enumerate(result.largest_share_H):
+            self.shares_HS[h].append(share)
+        self.steps += 1
+        self.global_step += 1
+        return StepOutput(labels_HB=result.labels_HB, write_mask_B=result.write_mask_B)
+
+    def progress(self) -> str:
+        """Mean loss terms so far in this epoch and the current learning rates."""
+        n, t = max(self.steps, 1), self._schedule_index()
+        return (f"loss {self.sums[0] / n:.4f} (center {self.sums[1] / n:.4f}, repr {self.sums[2] / n:.4f}) "
+                f"lr {self.lrs[t]:.4g} clr {self.clrs[t]:.4g}")
+
+    def after_epoch(self) -> EpochSummary:
+        """Loss terms averaged over steps and ranks, the schedule's end-of-epoch rates, the median largest
+        batch share per head; the state carried on (``ClusterState.at_epoch_end``)."""
+        terms = distributed.all_reduce_mean(torch.tensor(self.sums, dtype=torch.float64) / max(self.steps, 1))
+        end = min((self.epoch + 1) * self.iters_per_epoch, len(self.lrs)) - 1
+        metrics = {
+            "train/loss": float(terms[0]),
+            "train/loss_center": float(terms[1]),
+            "train/loss_repr": float(terms[2]),
+            "train/lr": float(self.lrs[end]),
+            "train/clr": float(self.clrs[end]),
+            "train/steps": self.steps,
+        }
+        # Identical on every rank: computed from the labels gathered in every step.
+        metrics.update({f"clusters/h{h}/largest_batch_share": float(np.median(s)) if s else 0.0
+                        for h, s in enumerate(self.shares_HS)})
+        if not np.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(
+                f"epoch {self.epoch}: the training loss is {metrics['train/loss']}; lower optim.lr or optim.clr")
+        summary = EpochSummary(metrics=metrics, cluster_state=self.state)
+        self.state = self.state.at_epoch_end(self.exp.secu.constraint)
+        return summary
+
+    def state_dict(self) -> dict[str, Any]:
+        """``network`` (unwrapped, on CPU), ``optimizer``, ``cluster_state`` and ``global_step``."""
+        return {"network": {k: v.detach().cpu() for k, v in self.base.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "cluster_state": self.state,
+                "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Network and cluster state always; optimizer and global step when present (not in a warm start)."""
+        self.base.load_state_dict(state["network"])
+        self.state = state["cluster_state"]
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state.get("global_step", 0))
+
+    @torch.no_grad()
+    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """argmax_k of z C_h (spec 7) and the softmax probability at the center temperature tw."""
+        z, _ = self.base.encoder(images.to(self.device))
+        labels, confidences = [], []
+        for h in range(self.base.centers.num_heads):
+            prob = torch.softmax(z @ self.base.centers.normalized(h) / self.exp.secu.tw, dim=1)
+            conf, lab = prob.max(dim=1)
+            labels.append(lab)
+            confidences.append(conf)
+        return torch.stack(labels), torch.stack(confidences)
