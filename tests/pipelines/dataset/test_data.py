@@ -21,6 +21,7 @@ from pipelines.dataset.bad_input import (
     new_bad_input_counter,
     verify_epoch,
 )
+from pipelines.dataset.decode import decode_image, pil_to_array
 from pipelines.dataset.info import (
     MANIFEST_SCHEMA,
     DatasetInfo,
@@ -34,7 +35,7 @@ from pipelines.dataset.info import (
 )
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import open_source
-from pipelines.dataset.streams import build_eval_dataset, build_train_dataset, decode_image, pil_to_array
+from pipelines.dataset.streams import build_eval_dataset, build_train_dataset
 from pipelines.storage import Storage
 from secu.config import AugmentConfig
 from tests.fixtures import image_bytes, write_idx_dataset
