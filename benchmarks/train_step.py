@@ -4,10 +4,11 @@ Claim: SeCu's clustering machinery (H heads of centers, the size constraint, the
 center loss, the representation loss against stored labels, and the per-instance memory) costs a
 small fraction of a training step; the encoder dominates.
 
-- ``secu``: per step, read the stored labels of the batch from a ``LocalMemory`` (steady state: every
-  instance has a label from the previous epoch), ``secu.step.secu_step`` (both views through the
-  encoder, similarities to every head's centers, constrained assignment, dual update, both losses),
-  backward, optimizer step (encoder + centers), write the new labels into the memory.
+- ``secu``: per step, what ``secu.epoch.run_epoch`` does: read the stored labels of the batch from a
+  ``LocalMemory`` (steady state: every instance has a label from the previous epoch),
+  ``SeCuMethod.train_step`` (normalisation, ``secu.step.secu_step``: both views through the encoder,
+  similarities to every head's centers, constrained assignment, dual update, both losses; backward,
+  optimizer step of encoder + centers), write the new labels into the memory.
 - ``plain``: the same encoder architecture and initial weights, the same views, a symmetric cosine
   loss between the two views' embeddings, -mean(z1 . z2), backward, optimizer step (same optimizer).
 
@@ -56,10 +57,12 @@ from benchmarks.common import (
 )
 from secu.augment import normalize
 from secu.config import ExperimentConfig, apply_overrides
+from secu.method import EpochContext
 from secu.model import Encoder
 from secu.network import SeCuNetwork
 from secu.optim import build_optimizer
 from secu.recipes import recipe
+from secu.secu_method import SeCuMethod
 from secu.state import ClusterState, LocalMemory
 from secu.step import secu_step
 
@@ -96,14 +99,14 @@ def make_batch(exp: ExperimentConfig, batch: int, num_samples: int, seed: int = 
 
 
 class SeCuRunner:
-    """The SeCu side: network with centers, optimizer, cluster state and a filled memory."""
+    """The SeCu side: ``SeCuMethod.train_step`` (the product's step: normalisation, ``secu_step``, optimizer at
+    the schedule's rate) with the label exchange of ``secu.epoch.run_epoch`` against a filled memory."""
 
     def __init__(self, exp: ExperimentConfig, num_samples: int, encoder: nn.Module | None = None) -> None:
         torch.manual_seed(exp.seed)
         self.exp = exp
         self.net = SeCuNetwork(encoder or Encoder(exp.model), exp.model.feat_dim, exp.secu.ks,
                                generator=torch.Generator().manual_seed(exp.seed + 1))
-        self.opt = self.optimizer()
         self.state = ClusterState.create(exp.secu.ks)
         self.memory = LocalMemory(num_samples, exp.secu.num_heads)
         gen = torch.Generator().manual_seed(1)
@@ -111,23 +114,20 @@ class SeCuRunner:
             self.memory.labels_HN[h] = torch.randint(0, k, (num_samples,), generator=gen, dtype=torch.int32)
         self.snapshot = self.net.centers.snapshot()
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.net.encoder.parameters(), self.net.centers.parameters(), self.exp.optim)
+    @functools.cached_property
+    def method(self) -> SeCuMethod:
+        """Built on first use: the heads-only runner below has no encoder parameters to optimise."""
+        method = SeCuMethod(self.exp, self.net, iters_per_epoch=1000)
+        method.before_epoch(2, EpochContext())  # past the lr-0 epoch: a warm-up step like any other
+        return method
 
     def step(self, b: Batch) -> None:
-        aug = self.exp.augment
-        self.train_on(normalize(b.view1, aug.mean, aug.std), normalize(b.view2, aug.mean, aug.std), b)
-
-    def train_on(self, x1: torch.Tensor, x2: torch.Tensor, b: Batch) -> None:
-        """One SeCu step on encoder inputs ``x1``, ``x2``: losses, backward, optimizer, state, memory."""
-        prev = self.memory.read(b.ids).long()
-        result = secu_step(self.net, x1, x2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
-        self.opt.zero_grad(set_to_none=True)
-        result.loss.backward()
-        self.opt.step()
-        self.state = result.state
-        mask = result.write_mask_B
-        self.memory.write(b.ids[mask], result.labels_HB[:, mask])
+        ids = b.ids.numpy()
+        out = self.method.train_step({"sample_index": b.ids, "view1": b.view1, "view2": b.view2},
+                                     torch.from_numpy(self.memory.labels_for(ids)))
+        assert out.labels_HB is not None and out.write_mask_B is not None
+        mask = out.write_mask_B.numpy()
+        self.memory.write_async(ids[mask], out.labels_HB[:, torch.from_numpy(mask)].numpy(), epoch=2)
 
 
 class _NormalizeOnly(nn.Module):
@@ -138,23 +138,29 @@ class _NormalizeOnly(nn.Module):
 
 
 class HeadsOnlyRunner(SeCuRunner):
-    """SeCu's own machinery without the encoder: the same step on fixed B x D features that need a
-    gradient (heads, constraint, losses, backward into features and centers, center update, memory)."""
+    """SeCu's own machinery without the encoder: ``secu_step`` on fixed B x D features that need a gradient
+    (heads, constraint, losses, backward into features and centers, center update, memory). It calls the step
+    directly because its inputs are features, not images (no normalisation, no encoder parameters)."""
 
     def __init__(self, exp: ExperimentConfig, num_samples: int, batch: int) -> None:
         super().__init__(exp, num_samples, encoder=_NormalizeOnly())
         gen = torch.Generator().manual_seed(2)
         self.f1 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
         self.f2 = torch.randn(batch, exp.model.feat_dim, generator=gen, requires_grad=True)
-
-    def optimizer(self) -> torch.optim.Optimizer:
         o = self.exp.optim  # no encoder parameters: the centers' group alone, as the recipe's optimizer has it
-        return torch.optim.SGD(self.net.centers.parameters(), lr=o.clr, momentum=o.momentum,
-                               weight_decay=o.weight_decay)
+        self.opt = torch.optim.SGD(self.net.centers.parameters(), lr=o.clr, momentum=o.momentum,
+                                   weight_decay=o.weight_decay)
 
     def step(self, b: Batch) -> None:
         self.f1.grad, self.f2.grad = None, None
-        self.train_on(self.f1, self.f2, b)
+        prev = self.memory.read(b.ids).long()
+        result = secu_step(self.net, self.f1, self.f2, b.ids, prev, self.snapshot, self.state, self.exp.secu)
+        self.opt.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.opt.step()
+        self.state = result.state
+        mask = result.write_mask_B
+        self.memory.write(b.ids[mask], result.labels_HB[:, mask])
 
 
 class PlainRunner:
