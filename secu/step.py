@@ -134,7 +134,30 @@ def secu_step(
         [_assign(cost_BK[h], h, prev_HB[h], state, cfg).to(device) for h in range(heads)]
     )
 
-    # Gather ids, ranks and labels of the global batch in one collective.
+    write_mask_B, new_state, largest_share_H = _gather_and_update(sample_index_B, prev_HB, labels_HB, state, cfg)
+
+    # 3.3: the representation learns from the stored label when there is one.
+    repr_HB = torch.where(prev_HB >= 0, prev_HB, labels_HB)
+    loss_c, loss_x = _losses(out, labels_HB, repr_HB, snapshot_DK, cfg)
+    changed_B = ((prev_HB >= 0) & (prev_HB != labels_HB)).sum(dim=0)
+    return StepResult(
+        loss=loss_c + loss_x,
+        loss_center=float(loss_c.detach()),
+        loss_repr=float(loss_x.detach()),
+        labels_HB=labels_HB,
+        write_mask_B=write_mask_B,
+        state=new_state,
+        changed_B=changed_B,
+        largest_share_H=largest_share_H,
+    )
+
+
+def _gather_and_update(sample_index_B: torch.Tensor, prev_HB: torch.Tensor, labels_HB: torch.Tensor,
+                       state: ClusterState, cfg: SeCuConfig) -> tuple[torch.Tensor, ClusterState, list[float]]:
+    """One all-gather of (id, rank, stored labels, new labels) over the global batch, then the same state
+    update on every rank from the first occurrence of each id. Returns this rank's write mask, the new state
+    and the per-head largest batch share."""
+    heads, b, device = cfg.num_heads, sample_index_B.shape[0], labels_HB.device
     rank_col = torch.full((1, b), distributed.rank(), dtype=torch.long, device=device)
     packed_CB = torch.cat([sample_index_B.to(device).long().view(1, b), rank_col, prev_HB, labels_HB])
     gathered_GC = distributed.all_gather_cat(packed_CB.T.contiguous())
@@ -150,13 +173,15 @@ def secu_step(
         counters.append(c)
         duals.append(d)
         largest_share_H.append(float(torch.bincount(new_h).max()) / new_h.shape[0] if new_h.numel() else 0.0)
-    new_state = ClusterState(counters=counters, duals=duals)
+    return write_mask_B, ClusterState(counters=counters, duals=duals), largest_share_H
 
-    # 3.3: the representation learns from the stored label when there is one.
-    repr_HB = torch.where(prev_HB >= 0, prev_HB, labels_HB)
 
-    loss_c = view1.new_zeros((), dtype=torch.float32)
-    loss_x = view1.new_zeros((), dtype=torch.float32)
+def _losses(out: ViewOutputs, labels_HB: torch.Tensor, repr_HB: torch.Tensor, snapshot_DK: list[torch.Tensor],
+            cfg: SeCuConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_h Loss_c,h, sum_h Loss_x,h) / (2H), or / (4H) with the predictor's terms (spec 3.4-3.6)."""
+    heads, device = cfg.num_heads, labels_HB.device
+    loss_c = out.z1_BD.new_zeros((), dtype=torch.float32)
+    loss_x = out.z1_BD.new_zeros((), dtype=torch.float32)
     for h in range(heads):
         snap = snapshot_DK[h].to(device)
         loss_c = loss_c + center_loss(out.sims1_BK[h], out.sims2_BK[h], labels_HB[h], cfg.tw)
@@ -172,15 +197,4 @@ def secu_step(
                 targets_from=(out.z1_BD.float(), out.z2_BD.float()),
             )
     divisor = (4 if out.psims1_BK is not None else 2) * heads
-    loss_c, loss_x = loss_c / divisor, loss_x / divisor
-    changed_B = ((prev_HB >= 0) & (prev_HB != labels_HB)).sum(dim=0)
-    return StepResult(
-        loss=loss_c + loss_x,
-        loss_center=float(loss_c.detach()),
-        loss_repr=float(loss_x.detach()),
-        labels_HB=labels_HB,
-        write_mask_B=write_mask_B,
-        state=new_state,
-        changed_B=changed_B,
-        largest_share_H=largest_share_H,
-    )
+    return loss_c / divisor, loss_x / divisor
