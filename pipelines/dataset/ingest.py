@@ -16,27 +16,24 @@ One call appends the source's new items to ``datasets/<name>/`` (layout and comm
 5. commit: manifest, then ``dataset.json``.
 
 A failed or interrupted ingest commits nothing; its shards are not referenced and the next ingest
-writes over them. One ingest at a time per dataset: a lock file ``datasets/<name>/_ingest.lock``
-(atomic on local disks, best effort on S3) refuses a second concurrent ingest.
+writes over them. One ingest at a time per dataset: the ingest holds ``datasets/<name>/_ingest.lock``,
+a ``pipelines.run_lock.StorageLock`` (created atomically, on local disks and on S3, with its owner and
+an expiry); a second ingest into the same dataset fails with ``LockHeldError`` naming the holder. The
+lock of an ingest that crashed expires after ``IngestOptions.lock_ttl_hours`` and is then taken over.
 
-Shard format: members sorted by name; per sample ``<key>.<ext>`` (the original bytes of a file
-source, or a PNG for array sources) and ``<key>.json`` = ``{"sample_index", "source", "label"}``.
+Shard format and writing: ``pipelines.dataset.shards``.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
 import logging
-import os
 import random
-import socket
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,17 +50,10 @@ from pipelines.dataset.info import (
     now_iso,
     read_manifest,
     sample_key,
-    shard_name,
 )
-from pipelines.dataset.sources import (
-    ArraySource,
-    FileTreeSource,
-    ImageHeader,
-    Source,
-    SourceItem,
-    encode_png,
-    probe_image,
-)
+from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
+from pipelines.dataset.sources import ArraySource, FileTreeSource, ImageHeader, Source, SourceItem, probe_image
+from pipelines.run_lock import LockHeldError, StorageLock
 from pipelines.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -86,6 +76,9 @@ class IngestOptions:
     """Run probe and shard tasks on Ray; None = when Ray is initialised."""
     max_in_flight: int | None = None
     """Shard tasks submitted at once; None = twice the cluster's CPUs."""
+    lock_ttl_hours: float = 48.0
+    """The dataset's ingest lock counts as abandoned (a crashed ingest) after this long; far longer than an
+    ingest takes, so that a live ingest is never taken over."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
@@ -94,6 +87,8 @@ class IngestOptions:
             raise ValueError(f"max_pixels={self.max_pixels} must be positive")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit={self.limit} must be >= 0")
+        if self.lock_ttl_hours <= 0:
+            raise ValueError(f"lock_ttl_hours={self.lock_ttl_hours} must be positive")
 
 
 @dataclass
@@ -111,31 +106,6 @@ class IngestResult:
     seconds: float
 
 
-@dataclass
-class ShardPlan:
-    """What one shard task writes."""
-
-    number: int
-    first_index: int
-    items: list[SourceItem]
-    exts: list[str]
-    """Member extension per item (from the header check; ``png`` for array sources)."""
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.number)
-
-
-@dataclass
-class ShardWritten:
-    """What a shard task reports."""
-
-    name: str
-    count: int
-    bytes: int
-    formats: list[str] = field(default_factory=list)
-
-
 class Progress:
     """Logs ``done/total``, rate and ETA at most every ``every_s`` seconds (and at the end)."""
 
@@ -145,6 +115,7 @@ class Progress:
         self.start = self.last = time.monotonic()
 
     def update(self, n: int) -> None:
+        """Count ``n`` more images done; log when ``every_s`` passed since the last line, or at the end."""
         self.done += n
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done >= self.total:
@@ -179,46 +150,6 @@ def probe_files(root: Storage, refs: Sequence[str], max_pixels: int) -> list[Ima
                 continue
         out.append("too_large" if header.pixels > max_pixels else header)
     return out
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar(handle: IO[bytes], samples: Sequence[tuple[str, str, bytes, dict[str, Any]]]) -> None:
-    """Write ``(key, ext, image bytes, json dict)`` samples as a WebDataset tar with sorted members."""
-    with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, ext, data, meta in sorted(samples, key=lambda s: s[0]):
-            members = {f"{key}.{ext}": data, f"{key}.json": json.dumps(meta, sort_keys=True).encode()}
-            for name in sorted(members):
-                _add_member(tar, name, members[name])
-
-
-def write_shard(storage: Storage, dataset: str, plan: ShardPlan, images: np.ndarray | None,
-                tree: Storage | None) -> ShardWritten:
-    """Write one shard: PNG-encode ``images`` (array sources) or copy the files of ``tree``."""
-    samples = []
-    for pos, item in enumerate(plan.items):
-        if images is not None:
-            data = encode_png(images[pos])
-        else:
-            assert tree is not None and isinstance(item.ref, str)
-            data = tree.read_bytes(item.ref)
-            try:
-                probe_image(data)
-            except ValueError as err:
-                raise RuntimeError(
-                    f"{item.source_id} changed while it was being ingested ({err}); re-run the ingest"
-                ) from err
-        meta = {"sample_index": plan.first_index + pos, "source": item.source_id, "label": item.label}
-        samples.append((sample_key(plan.number, pos), plan.exts[pos], data, meta))
-    rel = join(dataset_dir(dataset), "shards", plan.name)
-    with storage.atomic_writer(rel) as handle:
-        write_tar(handle, samples)
-        size = handle.tell()
-    return ShardWritten(plan.name, len(samples), int(size), sorted(set(plan.exts)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,35 +210,24 @@ def _merge_label_names(info: DatasetInfo,
     return merged, {i: merged.index(n) for i, n in enumerate(names)}
 
 
-class _Lock:
-    """``datasets/<name>/_ingest.lock``: O_EXCL locally, check-then-write on S3 (best effort)."""
+@contextlib.contextmanager
+def ingest_lock(storage: Storage, dataset: str, ttl_hours: float) -> Iterator[StorageLock]:
+    """Hold ``datasets/<dataset>/_ingest.lock`` while the block runs (taking over one older than ``ttl_hours``).
 
-    def __init__(self, storage: Storage, dataset: str) -> None:
-        self.storage, self.rel = storage, join(dataset_dir(dataset), _LOCK)
-
-    def __enter__(self) -> _Lock:
-        note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": now_iso()}).encode()
-        hint = (f"another ingest into this dataset is running or crashed: lock {self.storage.uri(self.rel)} "
-                "exists; if no ingest is running, delete it and re-run")
-        if self.storage.is_s3:
-            if self.storage.exists(self.rel):
-                holder = self.storage.read_bytes(self.rel).decode(errors="replace")
-                raise RuntimeError(f"{hint} (holder: {holder})")
-            self.storage.write_bytes_atomic(self.rel, note)
-            return self
-        path = self.storage.path(self.rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            with open(path, "rb") as handle:
-                raise RuntimeError(hint + f" (holder: {handle.read().decode(errors='replace')})") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(note)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.storage.delete(self.rel)
+    Raises:
+        LockHeldError: Another ingest into ``dataset`` holds the lock (the message names the holder).
+    """
+    lock = StorageLock(storage, join(dataset_dir(dataset), _LOCK), ttl_s=ttl_hours * 3600.0,
+                       purpose=f"ingest into dataset {dataset}")
+    try:
+        lock.acquire()
+    except LockHeldError as err:
+        raise LockHeldError(f"another ingest into this dataset is running, or crashed less than {ttl_hours:g} h "
+                            f"ago: {err}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def ingest(storage: Storage, dataset: str, source: Source, options: IngestOptions | None = None,
@@ -322,7 +242,7 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
         import ray
 
         use_ray = ray.is_initialized()
-    with _Lock(storage, dataset):
+    with ingest_lock(storage, dataset, options.lock_ttl_hours):
         info = find_dataset_info(storage, dataset) or DatasetInfo(name=dataset, created=now_iso())
         manifest = read_manifest(storage, info) if info.num_samples else empty_manifest()
         present = set(manifest["source"].to_pylist())
@@ -341,16 +261,7 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
             # crash cuts the same shards) so that every shard, and so every streamed block, mixes classes.
             random.Random(f"{dataset}:{info.version}").shuffle(new_items)
         skipped: Counter[str] = Counter()
-        exts: list[str]
-        channels: int
-        if isinstance(source, FileTreeSource):
-            new_items, exts, channels = _probe(source, new_items, options, use_ray, skipped)
-        else:
-            pixels = int(np.prod(source.parts[0].images.shape[1:3])) if source.parts else 0
-            if pixels > options.max_pixels:
-                skipped["too_large"] += len(new_items)
-                new_items = []
-            exts, channels = ["png"] * len(new_items), source.channels
+        new_items, exts, channels = _usable_items(source, new_items, options, use_ray, skipped)
         if not new_items:
             if info.num_samples == 0 and not info.shards:
                 raise ValueError(
@@ -359,23 +270,9 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
             return IngestResult(dataset, 0, already, dict(skipped), [], info.num_samples,
                                 time.monotonic() - start)
 
-        plans = []
-        first, number = info.num_samples, info.next_shard_number
-        for lo in range(0, len(new_items), options.shard_size):
-            chunk = new_items[lo: lo + options.shard_size]
-            plans.append(ShardPlan(number, first, chunk, exts[lo: lo + options.shard_size]))
-            first, number = first + len(chunk), number + 1
-
+        plans = _plan_shards(new_items, exts, info, options.shard_size)
         written = _write_shards(storage, dataset, source, plans, options, use_ray)
-
-        rows = {
-            "sample_index": [plan.first_index + i for plan in plans for i in range(len(plan.items))],
-            "key": [sample_key(plan.number, i) for plan in plans for i in range(len(plan.items))],
-            "shard": [plan.name for plan in plans for _ in plan.items],
-            "label": [it.label for plan in plans for it in plan.items],
-            "source": [it.source_id for plan in plans for it in plan.items],
-        }
-        added = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA)
+        added = _manifest_rows(plans)
         info.shards.extend(ShardInfo(w.name, p.first_index, w.count, w.bytes)
                            for p, w in zip(plans, written, strict=True))
         info.num_samples += added.num_rows
@@ -394,6 +291,41 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
                 info.num_samples)
     return IngestResult(dataset, added.num_rows, already, dict(skipped), [w.name for w in written],
                         info.num_samples, seconds)
+
+
+def _usable_items(source: Source, items: list[SourceItem], options: IngestOptions, use_ray: bool,
+                  skipped: Counter[str]) -> tuple[list[SourceItem], list[str], int]:
+    """The items to write, their member extensions and the channels; the others counted in ``skipped``."""
+    if isinstance(source, FileTreeSource):
+        return _probe(source, items, options, use_ray, skipped)
+    pixels = int(np.prod(source.parts[0].images.shape[1:3])) if source.parts else 0
+    if pixels > options.max_pixels:
+        skipped["too_large"] += len(items)
+        items = []
+    return items, ["png"] * len(items), source.channels
+
+
+def _plan_shards(items: list[SourceItem], exts: list[str], info: DatasetInfo, shard_size: int) -> list[ShardPlan]:
+    """Cut ``items`` into shards of ``shard_size``, numbered and indexed after the dataset's existing ones."""
+    plans = []
+    first, number = info.num_samples, info.next_shard_number
+    for lo in range(0, len(items), shard_size):
+        chunk = items[lo: lo + shard_size]
+        plans.append(ShardPlan(number, first, chunk, exts[lo: lo + shard_size]))
+        first, number = first + len(chunk), number + 1
+    return plans
+
+
+def _manifest_rows(plans: list[ShardPlan]) -> pa.Table:
+    """The manifest rows of the planned shards (``MANIFEST_SCHEMA``)."""
+    rows = {
+        "sample_index": [plan.first_index + i for plan in plans for i in range(len(plan.items))],
+        "key": [sample_key(plan.number, i) for plan in plans for i in range(len(plan.items))],
+        "shard": [plan.name for plan in plans for _ in plan.items],
+        "label": [it.label for plan in plans for it in plan.items],
+        "source": [it.source_id for plan in plans for it in plan.items],
+    }
+    return pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA)
 
 
 def _probe(source: FileTreeSource, items: list[SourceItem], options: IngestOptions, use_ray: bool,

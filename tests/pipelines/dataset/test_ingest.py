@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from pipelines.dataset.info import MANIFEST_SCHEMA, load_dataset_info, load_manifest_labels, read_manifest
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArraySource, load_cifar, load_stl10, open_source
+from pipelines.run_lock import LockHeldError, LockInfo, StorageLock
 from pipelines.storage import Storage
 from tests.fixtures import image_bytes, write_cifar10, write_cifar100, write_idx_dataset, write_stl10
 
@@ -219,6 +221,31 @@ def test_concurrent_ingest_is_refused(tmp_path: Path) -> None:
     st.write_bytes_atomic("datasets/d/_ingest.lock", b'{"pid": 1}')
     with pytest.raises(RuntimeError, match="another ingest into this dataset is running"):
         ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), INLINE)
+
+
+def test_second_ingest_while_the_lock_is_held_names_the_holder(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 3, 1)
+    st = Storage(str(tmp_path / "store"))
+    holder = StorageLock(st, "datasets/d/_ingest.lock", ttl_s=600, purpose="ingest into dataset d")
+    with holder:
+        assert holder.info is not None
+        with pytest.raises(LockHeldError, match="another ingest into this dataset is running") as err:
+            ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), INLINE)
+        assert holder.info.owner in str(err.value) and "ingest into dataset d" in str(err.value)
+        assert holder.read() == holder.info  # the refused ingest left the holder's lock alone
+        assert not st.exists("datasets/d/dataset.json")
+    assert ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), INLINE).added == 3
+    assert not st.exists("datasets/d/_ingest.lock")
+
+
+def test_an_expired_ingest_lock_is_taken_over(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 3, 1)
+    st = Storage(str(tmp_path / "store"))
+    crashed = LockInfo("gone-host:1:dead", "ingest into dataset d", time.time() - 7200, time.time() - 3600)
+    st.write_bytes_atomic("datasets/d/_ingest.lock", crashed.to_bytes())
+    res = ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}"), INLINE)
+    assert res.added == 3 and load_dataset_info(st, "d").num_samples == 3
+    assert not st.exists("datasets/d/_ingest.lock")
 
 
 def test_bad_names_and_sources(tmp_path: Path) -> None:
