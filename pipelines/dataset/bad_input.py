@@ -165,7 +165,11 @@ class BadInputCounter:
     """
 
     def __init__(self, num_samples: int, policy: BadInputPolicy) -> None:
-        logging.basicConfig(level=logging.INFO)
+        # No logging.basicConfig here: an actor must not configure the root logger (Ray forwards the
+        # worker's output to the driver). The tally's warnings go through this module's logger, which
+        # passes WARNING whatever the root level, and reach stderr through logging's last-resort handler
+        # when nothing else is configured.
+        logger.setLevel(logging.WARNING)
         self.tally = BadInputTally(num_samples, policy)
 
     def exclude_shard(self, shard: str, reason: str, count: int) -> None:
