@@ -25,7 +25,7 @@ from secu.batch_augment import BatchTwoViewAugment
 from secu.config import ExperimentConfig
 from secu.epoch import run_epoch
 from secu.method import Batch
-from secu.network import SeCuNetwork, build_network
+from secu.network import SeCuNetwork, build_network, confident_clusters
 from secu.secu_method import SeCuMethod
 from secu.state import ClusterState, LocalMemory
 
@@ -105,16 +105,10 @@ def predict(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, batch: 
     labels, confs = [], []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(eval_batch(transform, list(images[start:start + batch])))
-        z, _ = net.encoder(normalize(x, exp.augment.mean, exp.augment.std))
-        lab_H, conf_H = [], []
-        for h in range(net.centers.num_heads):
-            sims = z @ net.centers.normalized(h)
-            prob = torch.softmax(sims / exp.secu.tw, dim=1)
-            conf, lab = prob.max(dim=1)
-            lab_H.append(lab.numpy())
-            conf_H.append(conf.numpy())
-        labels.append(np.stack(lab_H))
-        confs.append(np.stack(conf_H))
+        sims_HBK, _ = net.assign(normalize(x, exp.augment.mean, exp.augment.std))
+        pairs = [confident_clusters(s_BK, exp.secu.tw) for s_BK in sims_HBK]
+        labels.append(np.stack([c.numpy() for c, _, _ in pairs]))
+        confs.append(np.stack([p.numpy() for _, p, _ in pairs]))
     net.train()
     return np.concatenate(labels, axis=1), np.concatenate(confs, axis=1)
 

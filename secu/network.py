@@ -67,6 +67,14 @@ class SeCuNetwork(nn.Module):
         return [z @ self.centers.normalized(h).float() for h in range(self.centers.num_heads)], z
 
 
+def confident_clusters(sims_BK: torch.Tensor, tw: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference for one head (spec 7): the cluster argmax_k z C_h, its softmax probability at the center
+    temperature ``tw`` (the confidence) and its cosine similarity; each [B]."""
+    sims_BK = sims_BK.float()
+    prob_B, cluster_B = torch.softmax(sims_BK / tw, dim=1).max(dim=1)
+    return cluster_B, prob_B, sims_BK.gather(1, cluster_B[:, None])[:, 0]
+
+
 def build_network(experiment: ExperimentConfig) -> SeCuNetwork:
     """The network of a config, initialised deterministically from its seed (same on every rank)."""
     torch.manual_seed(experiment.seed)

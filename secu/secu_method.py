@@ -17,7 +17,7 @@ from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.method import Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
-from secu.network import SeCuNetwork
+from secu.network import SeCuNetwork, confident_clusters
 from secu.optim import build_optimizer, set_learning_rates
 from secu.precision import autocast_dtype
 from secu.schedules import lr_schedule
@@ -137,11 +137,6 @@ class SeCuMethod(ClusteringMethod):
     @torch.no_grad()
     def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """argmax_k of z C_h (spec 7) and the softmax probability at the center temperature tw."""
-        z, _ = self.base.encoder(images.to(self.device))
-        labels, confidences = [], []
-        for h in range(self.base.centers.num_heads):
-            prob = torch.softmax(z @ self.base.centers.normalized(h) / self.exp.secu.tw, dim=1)
-            conf, lab = prob.max(dim=1)
-            labels.append(lab)
-            confidences.append(conf)
-        return torch.stack(labels), torch.stack(confidences)
+        sims_HBK, _ = self.base.assign(images.to(self.device))
+        pairs = [confident_clusters(s_BK, self.exp.secu.tw)[:2] for s_BK in sims_HBK]
+        return torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])

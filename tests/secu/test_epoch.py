@@ -1,0 +1,137 @@
+"""The Ray-free epoch (``secu.epoch.run_epoch``) and the method interface (``secu.method``): what the
+epoch does for any method, and SeCu's method resuming exactly from its ``state_dict``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secu.config import apply_overrides
+from secu.epoch import run_epoch
+from secu.local_train import predict
+from secu.method import Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.network import build_network
+from secu.recipes import recipe
+from secu.secu_method import SeCuMethod
+from secu.state import LocalMemory
+
+N, BATCH = 40, 8
+
+
+def batches(n: int = N, batch: int = BATCH, seed: int = 0) -> Iterator[Batch]:
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch):
+        ids = order[start:start + batch]
+        views = torch.randint(0, 256, (2, ids.shape[0], 1, 28, 28), dtype=torch.uint8, generator=gen)
+        yield {"sample_index": ids, "view1": views[0], "view2": views[1], "image": views[0]}
+
+
+class PerBatchLossMethod(ClusteringMethod):
+    """A method with per-batch losses only (as DRC): it stores no labels."""
+
+    name = "per-batch"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.epochs: list[int] = []
+
+    def wrap_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        pass
+
+    def before_epoch(self, epoch: int, context: EpochContext) -> None:
+        self.epochs.append(epoch)
+
+    def train_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        self.seen.extend(batch["sample_index"].tolist())
+        return StepOutput()
+
+    def after_epoch(self) -> EpochSummary:
+        return EpochSummary(metrics={"train/steps": len(self.seen) // BATCH})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = list(state["seen"])
+
+    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(1, images.shape[0], dtype=torch.long), torch.ones(1, images.shape[0])
+
+
+class FeaturePassMethod(PerBatchLossMethod):
+    """A method that needs every image's features before an epoch (as ProPos's k-means)."""
+
+    name = "feature-pass"
+    needs_feature_pass = True
+
+    def before_epoch(self, epoch: int, context: EpochContext) -> None:
+        assert context.feature_batches is not None
+        self.pass_ids = sorted(i for b in context.feature_batches() for i in b["sample_index"].tolist())
+
+
+def test_partial_last_batch_is_counted_not_trained_and_nothing_stored_without_labels() -> None:
+    method, memory = PerBatchLossMethod(), LocalMemory(N + 3, 1)
+    result = run_epoch(method, batches(N + 3), memory, 0, batch_size=BATCH)
+    assert (result.steps, result.images, result.delivered) == (5, 40, 43)
+    assert len(method.seen) == 40 and len(set(method.seen)) == 40
+    assert bool((memory.labels_HN == -1).all())  # the method returned no labels: the store is untouched
+
+
+def test_a_feature_pass_method_gets_every_image_before_the_epoch() -> None:
+    method = FeaturePassMethod()
+    run_epoch(method, batches(), LocalMemory(N, 1), 0, batch_size=BATCH,
+              context=EpochContext(feature_batches=lambda: batches(seed=1)))
+    assert method.pass_ids == list(range(N))
+
+
+def experiment(epochs: int = 3) -> Any:
+    return apply_overrides(recipe("fashion-mnist-cpu"), [
+        "secu.ks=[3,5]", "model.cnn_width=8", f"optim.batch_size={BATCH}", f"optim.epochs={epochs}",
+        "optim.warmup_epochs=1"])
+
+
+def train(method: SeCuMethod, memory: LocalMemory, epochs: range) -> list[dict[str, float]]:
+    return [run_epoch(method, batches(seed=e), memory, e, batch_size=BATCH).summary.metrics for e in epochs]
+
+
+def test_secu_method_resumed_from_its_state_dict_equals_an_uninterrupted_run() -> None:
+    exp = experiment()
+    straight, memory = SeCuMethod(exp, build_network(exp), N // BATCH), LocalMemory(N, 2)
+    want = train(straight, memory, range(3))
+
+    first, memory2 = SeCuMethod(exp, build_network(exp), N // BATCH), LocalMemory(N, 2)
+    got = train(first, memory2, range(2))
+    saved = copy.deepcopy(first.state_dict())
+    resumed = SeCuMethod(exp, build_network(exp), N // BATCH)
+    resumed.load_state_dict(saved)
+    got += train(resumed, memory2, range(2, 3))
+
+    assert got == want
+    assert torch.equal(memory.labels_HN, memory2.labels_HN)
+    for a, b in zip(straight.state.duals + straight.state.counters, resumed.state.duals + resumed.state.counters,
+                    strict=True):
+        assert torch.equal(a, b)
+    assert want[0]["train/lr"] == 0.0 and want[-1]["train/steps"] == N // BATCH
+
+
+def test_secu_method_assign_is_what_predict_publishes() -> None:
+    exp = experiment(epochs=2)
+    method = SeCuMethod(exp, build_network(exp), N // BATCH)
+    train(method, LocalMemory(N, 2), range(2))
+    images = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    labels, confidence = predict(method.base, images, exp)
+    from secu.augment import EvalTransform, eval_batch, normalize
+
+    method.base.eval()
+    x = normalize(torch.from_numpy(eval_batch(EvalTransform(exp.augment), list(images))),
+                  exp.augment.mean, exp.augment.std)
+    got_labels, got_conf = method.assign(x)
+    assert np.array_equal(got_labels.numpy(), labels)
+    assert np.allclose(got_conf.numpy(), confidence)
+    assert labels.shape == (2, 12) and bool(((confidence > 0) & (confidence <= 1)).all())
