@@ -62,7 +62,7 @@ def row_data(row: str, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Images, labels and whether the row is class-balanced."""
     rng = np.random.default_rng(seed)
     if row.startswith("pattern-"):
-        from tests.pipelines.run_builders import pattern_images
+        from pipelines.dataset.synthetic import pattern_images
 
         images, labels = pattern_images(192, seed)
         return images, labels, True

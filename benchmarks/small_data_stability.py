@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import LoadProbe, base_parser, print_table, start_result, summarize, write_result
+from pipelines.dataset.synthetic import pattern_images
 from secu.adapt import adapt_to_collection
 from secu.augment import normalize
 from secu.batch_augment import BatchTwoViewAugment
@@ -59,7 +60,6 @@ from secu.local_train import predict, train_in_memory
 from secu.metrics import hungarian_acc
 from secu.recipes import recipe
 from secu.step import costs
-from tests.pipelines.run_builders import pattern_images
 
 NAME = "small_data_stability"
 BASELINE = "paper_schedule"

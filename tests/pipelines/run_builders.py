@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArrayPart, ArraySource
+from pipelines.dataset.synthetic import pattern_images
 from pipelines.outputs.assignments import new_attempt, output_dir, publish, staging_dir
 from pipelines.outputs.schema import (
     SCHEMA_VERSION,
@@ -34,16 +35,6 @@ from secu.state import ClusterState
 
 CLASS_NAMES = ["stripes-h", "stripes-v", "checker"]
 RECIPE = "fashion-mnist-cpu"
-
-
-def pattern_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` 28x28 uint8 grayscale images of three visibly different patterns, and their labels 0..2."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    yy, xx = np.mgrid[0:28, 0:28]
-    bases = [((yy // 4) % 2) * 200, ((xx // 4) % 2) * 200, (((yy // 7) + (xx // 7)) % 2) * 200]
-    images = np.stack([bases[c] + rng.integers(0, 55, size=(28, 28)) for c in labels]).astype(np.uint8)
-    return images, labels.astype(np.int64)
 
 
 def make_dataset(storage: Storage, name: str, n: int, shard_size: int, seed: int = 0) -> np.ndarray:

@@ -14,11 +14,12 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from pipelines.dataset.info import load_dataset_info, read_manifest
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArrayPart, ArraySource
+from pipelines.dataset.synthetic import pattern_images
 from pipelines.outputs.assignments import published_files, read_marker
 from pipelines.outputs.evaluation import evaluate_assignments, format_table, metrics_file, write_metrics
 from pipelines.storage import Storage
 from pipelines.training.metrics_log import MetricsLog
-from tests.pipelines.run_builders import make_dataset, pattern_images, publish_assignments
+from tests.pipelines.run_builders import make_dataset, publish_assignments
 
 
 def _ids(storage: Storage, dataset: str) -> tuple[list[str], list[str], np.ndarray]:
