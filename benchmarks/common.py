@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: machine facts, timing, summaries, tables, JSON, test data.
 
-Every benchmark follows the same shape (``/work/shared/docs/benchmarks.md``): build the inputs, run
+Every benchmark follows the same shape (``../shared/docs/benchmarks.md``): build the inputs, run
 ours and the baseline alternately (``alternate``: a warm-up round, then at least three measured
 rounds, the order reversed every round so that a slow drift of the machine hits both sides alike),
 summarise each figure (``summarize``: median, min, max, quartiles), print a table (``print_table``)
