@@ -7,7 +7,7 @@ close to what plain processes achieve on the same cores.
 Variants, all on the same shards (written by our ingest into a temporary root), with W worker
 processes (``--workers``, default the core count) and the same transforms (``BatchTwoViewAugment`` of
 the recipe, the training path's batched augmentation, applied to batches of ``--batch-size`` decoded
-images; decoding with ``pipelines.dataset.streams.decode_image``):
+images; decoding with ``pipelines.dataset.decode.decode_image``):
 
 - ``ray_data``: ``build_train_dataset`` on a local Ray with W CPUs, one epoch through
   ``iter_torch_batches(batch_size)`` (what the training loop consumes; views reach this process);
@@ -80,7 +80,7 @@ def _init_worker() -> None:
 
 def decode_augment_shard(path: str, cfg: AugmentConfig, batch_size: int = 256) -> int:
     """Decode every image of one shard and augment them in batches; returns the count (views are dropped)."""
-    from pipelines.dataset.streams import decode_image
+    from pipelines.dataset.decode import decode_image
 
     aug = _two_views(cfg)
     n, pending = 0, []
@@ -127,7 +127,7 @@ class WdsDecode:
     def __call__(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
         import json
 
-        from pipelines.dataset.streams import decode_image
+        from pipelines.dataset.decode import decode_image
 
         data = next(sample[e] for e in SHARD_IMAGE_EXTS if e in sample)
         return decode_image(data, self.cfg.channels, 50_000_000), int(json.loads(sample["json"])["sample_index"])

@@ -8,7 +8,7 @@ is at least as fast end to end as the loop a user would write by hand.
   (batch 256; on CPUs half of them as model actors). Timed end to end (checkpoint load, planning,
   actors, writing, verification, publishing); ``execution_images_per_s`` is the Ray part alone.
 - ``plain_loop``: one process with ``--cpus`` torch threads: read every shard with ``tarfile``,
-  ``pipelines.dataset.streams.decode_image``, ``EvalTransform``, batches of 256 through the same network and
+  ``pipelines.dataset.decode.decode_image``, ``EvalTransform``, batches of 256 through the same network and
   the same row construction (``Assigner``), one ``pyarrow.parquet.ParquetWriter`` with the same
   schema and compression.
 
@@ -83,7 +83,7 @@ def ours(storage: Storage, options: Any) -> Figures:
 def plain_loop(storage: Storage, out_dir: str, batch_size: int, threads: int) -> Figures:
     """Single process: tars -> decode -> eval transform -> model -> rows -> one Parquet file."""
     from pipelines.dataset.info import dataset_dir, load_dataset_info
-    from pipelines.dataset.streams import decode_image
+    from pipelines.dataset.decode import decode_image
     from pipelines.outputs.inference import Assigner
     from pipelines.training.checkpoint_lookup import find_latest_checkpoint, load_checkpoint
     from secu.augment import EvalTransform
