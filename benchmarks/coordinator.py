@@ -48,11 +48,19 @@ from benchmarks.common import (
     start_result,
     write_result,
 )
-from pipelines.training.coordinator import AssignmentMemory, CoordinatorClient, label_dtype
+from pipelines.training.coordinator import CoordinatorClient
+from pipelines.training.memory import AssignmentMemory, combine_stats, label_dtype
 from secu.recipes import recipe
 
 NAME = "coordinator"
 GIB = float(1 << 30)
+
+
+def close_epoch(memory: AssignmentMemory, epoch: int) -> dict[str, float]:
+    """What a shard does at ``CoordinatorClient.end_epoch``: the epoch's statistics, then the swap."""
+    stats = combine_stats([memory.sufficient_stats(epoch=epoch)], memory.ks)
+    memory.commit_epoch(None, None, epoch=epoch)
+    return stats
 
 
 class SimWorker:
@@ -109,7 +117,7 @@ class SimWorker:
             memory.write(ids_SB[s], labels_SHB[s], epoch)
             in_steps += (t1 - t0) + (time.perf_counter() - t2)
         with Stopwatch() as end:
-            memory.end_epoch(None, None, epoch=epoch)
+            close_epoch(memory, epoch)
         return {"wall_s": time.perf_counter() - t_start, "in_steps_s": in_steps, "begin_s": begin.seconds,
                 "end_s": end.seconds}
 
@@ -209,7 +217,7 @@ def update_throughput(num_samples: int, ks: list[int], args: Any) -> dict[str, A
         work = batches(epoch)
         with Stopwatch() as sw:
             written = sum(local.write(ids, labels, epoch) for ids, labels in work)
-        local.end_epoch(None, None, epoch=epoch)
+        close_epoch(local, epoch)
         return {"rows": float(written), "seconds": sw.seconds, "rows_per_s": written / sw.seconds}
 
     try:

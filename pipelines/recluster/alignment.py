@@ -3,10 +3,11 @@
 A new run's cluster k is not the previous run's cluster k by construction (a warm start keeps them
 close, a fresh start does not). Per head, the new centers are matched one-to-one to the previous
 run's centers by the Hungarian algorithm on their cosine similarity (``match_centers``), and the match
-is applied once, to a copy of the new run's final checkpoint (``write_aligned_checkpoint``): center
-columns, per-cluster duals and counters and the assignment memory are permuted, so that everything
-read from that copy (inference, the next tick's warm start) uses the stable ids. The Ray Train
-checkpoints of the run are left untouched.
+is applied once, to a copy of the new run's final checkpoint (``aligned_checkpoint``; the reclustering
+tick writes it with ``pipelines.training.checkpointing.publish_checkpoint``): center columns,
+per-cluster duals and counters and the assignment memory are permuted, so that everything read from
+that copy (inference, the next tick's warm start) uses the stable ids. The Ray Train checkpoints of the
+run are left untouched.
 
 ``drift_summary`` compares two runs' labels over the images both runs labelled.
 
@@ -15,9 +16,7 @@ Legend: D = feature dim, K = clusters of a head, H = heads, N = images.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pipelines.storage import Storage, join
-from pipelines.training.checkpoint_lookup import CheckpointRef, local_checkpoint_dir
-from pipelines.training.checkpointing import COORDINATOR_FILE, META_FILE, MODEL_FILE
+from pipelines.training.checkpointing import TrainingState
+from pipelines.training.coordinator_state import CoordinatorState, ShardState
+from secu.state import ClusterState
 
 DRIFT_FILE = "drift.json"
 """``runs/<run_id>/drift.json``: the drift of a reclustering tick vs the previous one (read by the report)."""
@@ -102,55 +101,32 @@ def permute_clusters(values_K: torch.Tensor | np.ndarray, mapping_K: np.ndarray)
     return np.asarray(values_K)[..., inverse].copy()
 
 
-def aligned_payload(model: dict[str, Any], coordinator: dict[str, Any],
-                    alignments: list[HeadAlignment]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model.pt`` and ``coordinator.pt`` contents with every per-cluster quantity in stable ids.
+def aligned_checkpoint(state: TrainingState, coordinator: CoordinatorState,
+                       alignments: list[HeadAlignment]) -> tuple[TrainingState, CoordinatorState]:
+    """The training and coordinator states with every per-cluster quantity in stable ids (new values).
 
     The optimizer state is dropped: the copy serves inference and warm starts (which start a fresh
     optimizer), not the resumption of the run.
     """
     maps = [np.asarray(a.mapping, dtype=np.int64) for a in alignments]
-    network = dict(model["network"])
+    network = dict(state.network)
     for h, mapping in enumerate(maps):
         key = CENTER_KEY.format(head=h)
         network[key] = permute_clusters(network[key], mapping)
-    cluster_state = {name: [permute_clusters(torch.as_tensor(v), maps[h]) for h, v in enumerate(vals)]
-                     for name, vals in model["cluster_state"].items()}
-    new_model = dict(model) | {"network": network, "optimizer": {}, "cluster_state": cluster_state}
-    shards = []
-    for shard in coordinator["shards"]:
-        prev_HN = np.stack([relabel(np.asarray(shard["prev_HN"])[h], maps[h]) for h in range(len(maps))])
-        shards.append(dict(shard) | {
-            "prev_HN": prev_HN,
-            "counters": None if shard["counters"] is None else
-            [permute_clusters(np.asarray(c), maps[h]) for h, c in enumerate(shard["counters"])],
-            "duals": None if shard["duals"] is None else
-            [permute_clusters(np.asarray(d), maps[h]) for h, d in enumerate(shard["duals"])],
-        })
-    return new_model, dict(coordinator) | {"shards": shards}
+    cluster = state.cluster_state
+    cluster_state = ClusterState(counters=[permute_clusters(c, maps[h]) for h, c in enumerate(cluster.counters)],
+                                 duals=[permute_clusters(d, maps[h]) for h, d in enumerate(cluster.duals)])
+    new_state = dataclasses.replace(state, network=network, optimizer={}, cluster_state=cluster_state)
+    shards = tuple(_aligned_shard(shard, maps) for shard in coordinator.shards)
+    return new_state, dataclasses.replace(coordinator, shards=shards)
 
 
-def read_checkpoint(ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The raw ``model.pt``, ``coordinator.pt`` and metadata of a checkpoint (local or S3)."""
-    with local_checkpoint_dir(ref, extra_files=(COORDINATOR_FILE,)) as directory:
-        model = torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=False)
-        coordinator = torch.load(os.path.join(directory, COORDINATOR_FILE), map_location="cpu", weights_only=False)
-        with open(os.path.join(directory, META_FILE), encoding="utf-8") as handle:
-            meta = json.load(handle)
-    return model, coordinator, meta
+def _aligned_shard(shard: ShardState, maps: list[np.ndarray]) -> ShardState:
+    def permuted(values: list[np.ndarray] | None) -> list[np.ndarray] | None:
+        return None if values is None else [permute_clusters(v, maps[h]) for h, v in enumerate(values)]
 
-
-def write_aligned_checkpoint(storage: Storage, rel: str, model: dict[str, Any], coordinator: dict[str, Any],
-                             meta: dict[str, Any]) -> str:
-    """Publish a checkpoint directory at ``rel``: metadata removed first and written last, so that a
-    reader never takes a half-written copy for complete (``checkpoint_lookup`` needs the metadata)."""
-    storage.delete(join(rel, META_FILE))
-    with tempfile.TemporaryDirectory(prefix="secu-aligned-") as tmp:
-        for name, payload in ((MODEL_FILE, model), (COORDINATOR_FILE, coordinator)):
-            torch.save(payload, os.path.join(tmp, name))
-            storage.upload_file_atomic(join(rel, name), os.path.join(tmp, name))
-    storage.write_bytes_atomic(join(rel, META_FILE), (json.dumps(meta, indent=2) + "\n").encode())
-    return storage.uri(rel)
+    prev_HN = np.stack([relabel(shard.prev_HN[h], maps[h]) for h in range(len(maps))])
+    return dataclasses.replace(shard, prev_HN=prev_HN, counters=permuted(shard.counters), duals=permuted(shard.duals))
 
 
 # --------------------------------------------------------------------------------------------------

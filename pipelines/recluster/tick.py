@@ -41,18 +41,18 @@ from pipelines.outputs.inference import InferenceOptions
 from pipelines.outputs.schema import cluster_column
 from pipelines.recluster.alignment import (
     DRIFT_FILE,
+    HeadAlignment,
     RunLabels,
     align_heads,
-    aligned_payload,
+    aligned_checkpoint,
     alignment_record,
     drift_metrics,
     drift_summary,
-    read_checkpoint,
-    write_aligned_checkpoint,
 )
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage, join
-from pipelines.training.checkpoint_lookup import checkpoint_at, find_latest_checkpoint
+from pipelines.training.checkpointing import checkpoint_at, find_latest_checkpoint, publish_checkpoint, read_checkpoint
+from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig, apply_job_overrides
 from pipelines.training.warm_start import previous_labels
 
@@ -264,21 +264,9 @@ def _tick(storage: Storage, job: TrainJobConfig, base: str, tick: str, previous:
                 previous["run_id"] if previous else "the start")
     outcome = run_training(job, storage, init_from=warm_from)
 
-    # Align the final checkpoint to the previous tick's stable ids; inference and the next tick read the copy.
-    model, coordinator, meta = read_checkpoint(find_latest_checkpoint(storage, run_id))
-    prev_model, prev_coordinator = None, None
-    if previous is not None:
-        assert prev_checkpoint is not None
-        prev_model, prev_coordinator, _ = read_checkpoint(checkpoint_at(prev_checkpoint, storage))
     ks = list(job.experiment.secu.ks)
-    alignments = align_heads(prev_model["network"] if prev_model else None, model["network"], ks)
-    model, coordinator = aligned_payload(model, coordinator, alignments)
-    meta = meta | {"aligned_to": previous["run_id"] if previous else None, "alignment": alignment_record(alignments)}
-    aligned = write_aligned_checkpoint(storage, join("runs", run_id, ALIGNED_DIR), model, coordinator, meta)
-    for a in alignments:
-        logger.info("head %d: centers matched to %s with mean cosine %.3f (min %.3f), %.0f%% keep their id", a.head,
-                    previous["run_id"] if previous else "themselves", a.mean_similarity, a.min_similarity,
-                    100 * a.identity_frac)
+    aligned, alignments, coordinator, prev_coordinator = _publish_aligned(storage, run_id, ks, previous,
+                                                                          prev_checkpoint)
 
     shards = None
     if options.infer_scope == "new":
@@ -335,6 +323,27 @@ def _tick(storage: Storage, job: TrainJobConfig, base: str, tick: str, previous:
                            assignments=out_uri, rows=rows, drift=drift, report=report_uri)
 
 
+def _publish_aligned(storage: Storage, run_id: str, ks: list[int], previous: dict[str, Any] | None,
+                     prev_checkpoint: str | None
+                     ) -> tuple[str, list[HeadAlignment], CoordinatorState, CoordinatorState | None]:
+    """Align the run's final checkpoint to the previous tick's stable ids and publish the copy (which inference
+    and the next tick read); returns its URI, the matches and the aligned and previous coordinator states."""
+    state, coordinator = read_checkpoint(find_latest_checkpoint(storage, run_id))
+    prev_state, prev_coordinator = None, None
+    if previous is not None:
+        assert prev_checkpoint is not None
+        prev_state, prev_coordinator = read_checkpoint(checkpoint_at(prev_checkpoint, storage))
+    alignments = align_heads(prev_state.network if prev_state else None, state.network, ks)
+    state, coordinator = aligned_checkpoint(state, coordinator, alignments)
+    extra_meta = {"aligned_to": previous["run_id"] if previous else None, "alignment": alignment_record(alignments)}
+    aligned = publish_checkpoint(storage, join("runs", run_id, ALIGNED_DIR), state, coordinator, extra_meta)
+    for a in alignments:
+        logger.info("head %d: centers matched to %s with mean cosine %.3f (min %.3f), %.0f%% keep their id", a.head,
+                    previous["run_id"] if previous else "themselves", a.mean_similarity, a.min_similarity,
+                    100 * a.identity_frac)
+    return aligned, alignments, coordinator, prev_coordinator
+
+
 def _inferred_all(storage: Storage, run_id: str) -> bool:
     """True when the run's published assignments cover its whole dataset."""
     try:
@@ -352,7 +361,7 @@ def _assignment_labels(storage: Storage, run_id: str, heads: int) -> RunLabels:
     return RunLabels(ids[order], labels, "assignments")
 
 
-def _memory_labels(coordinator: dict[str, Any]) -> RunLabels:
+def _memory_labels(coordinator: CoordinatorState) -> RunLabels:
     labels_HN = previous_labels(coordinator).astype(np.int64)
     return RunLabels(np.arange(labels_HN.shape[1], dtype=np.int64), labels_HN, "training_memory")
 

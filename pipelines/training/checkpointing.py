@@ -1,35 +1,58 @@
-"""What goes into a training checkpoint, and how it is read back.
+"""The training checkpoint format, its only owner: writing, reading and finding checkpoints.
 
 A checkpoint directory holds:
 
-- ``model.pt``: network (encoder + centers, unwrapped from DDP), optimizer, cluster state
-  (counters, duals), the completed epoch, the global step and the job config;
-- ``coordinator.pt``: the coordinator's state at the same epoch boundary (assignment memory of the
-  previous epoch, authoritative counters/duals, statistics history);
-- ``secu_checkpoint.json``: small metadata (epoch, run id, format version) that tools read without
-  loading tensors.
+- ``model.pt``: ``TrainingState.to_dict()``: network (encoder + centers, unwrapped from DDP), optimizer,
+  cluster state (counters, duals), the completed epoch, the global step, the job config (with the metric
+  history under ``"history"``) and ``format_version``;
+- ``coordinator.pt``: ``CoordinatorState.to_dict()``, the coordinator's state at the same epoch boundary
+  (assignment memory of the previous epoch, authoritative counters/duals;
+  ``pipelines.training.coordinator_state``);
+- ``secu_checkpoint.json``: small metadata (epoch, global step, run id, format version) that tools read
+  without loading tensors.
 
-Ray Train stores these directories under ``<root>/runs/<run_id>/checkpoints/checkpoint_*``.
+Ray Train stores these directories under ``<root>/runs/<run_id>/checkpoints/checkpoint_<time>/``.
+A checkpoint counts as complete when its ``secu_checkpoint.json`` parses and ``model.pt`` is present and
+non-empty (an upload interrupted mid-way fails one of the two); the latest is the complete one with the
+highest epoch (then global step, then name). A remote checkpoint is read from a temporary local copy
+(``model.pt`` and the metadata; ``coordinator.pt`` only when asked for: inference does not need it).
+``publish_checkpoint`` writes a checkpoint directory onto storage directly (the reclustering's aligned
+copy), metadata last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipelines.storage import Storage, join
+from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig
 from secu.network import SeCuNetwork, build_network
 from secu.state import ClusterState
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+"""Version of ``model.pt`` and of the metadata (bumped on incompatible changes; older ones keep being read)."""
 MODEL_FILE = "model.pt"
 COORDINATOR_FILE = "coordinator.pt"
 META_FILE = "secu_checkpoint.json"
+CHECKPOINTS_DIR = "checkpoints"
+JOB_CONFIG_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe")
+"""The keys of ``TrainingState.job`` that are the job config (the others, e.g. ``history``, ride along)."""
+
+_MODEL_KEYS = ("network", "optimizer", "cluster_state", "epoch", "global_step", "job")
 
 
 @dataclass
@@ -43,27 +66,47 @@ class TrainingState:
     global_step: int
     job: dict[str, Any]
 
+    def job_config(self) -> TrainJobConfig:
+        """The job config the checkpoint was trained with (without the metric history beside it)."""
+        return TrainJobConfig.from_dict({k: v for k, v in self.job.items() if k in JOB_CONFIG_KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``model.pt`` (tensors are not copied)."""
+        return {"network": self.network, "optimizer": self.optimizer, "cluster_state": self.cluster_state.state_dict(),
+                "epoch": self.epoch, "global_step": self.global_step, "job": self.job,
+                "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MODEL_FILE) -> TrainingState:
+        """Inverse of ``to_dict``; ValueError naming the problem (and ``where``) for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a dict (training checkpoint), got {type(data).__name__}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{where}: checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}")
+        missing = [k for k in _MODEL_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{where}: keys {missing} are missing from the training checkpoint")
+        try:
+            return cls(network=data["network"], optimizer=data["optimizer"],
+                       cluster_state=ClusterState.from_state_dict(data["cluster_state"]),
+                       epoch=int(data["epoch"]), global_step=int(data["global_step"]), job=data["job"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: unreadable training checkpoint ({err!r})") from None
+
 
 def save_checkpoint(directory: str | os.PathLike[str], state: TrainingState,
-                    coordinator_state: dict[str, Any]) -> None:
+                    coordinator_state: CoordinatorState) -> None:
     """Write a checkpoint directory (model, coordinator state, metadata)."""
-    path = Path(directory)
+    _write_files(Path(directory), state, coordinator_state, {})
+
+
+def _write_files(path: Path, state: TrainingState, coordinator_state: CoordinatorState,
+                 extra_meta: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "network": state.network,
-            "optimizer": state.optimizer,
-            "cluster_state": state.cluster_state.state_dict(),
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "job": state.job,
-            "format_version": FORMAT_VERSION,
-        },
-        path / MODEL_FILE,
-    )
-    torch.save(coordinator_state, path / COORDINATOR_FILE)
+    torch.save(state.to_dict(), path / MODEL_FILE)
+    torch.save(coordinator_state.to_dict(), path / COORDINATOR_FILE)
     meta = {"epoch": state.epoch, "global_step": state.global_step, "run_id": state.job.get("run_id"),
-            "format_version": FORMAT_VERSION}
+            "format_version": FORMAT_VERSION} | extra_meta
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -72,33 +115,164 @@ def load_training_state(directory: str | os.PathLike[str]) -> TrainingState:
     path = Path(directory) / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this is not a SeCu training checkpoint")
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {data.get('format_version')} is not {FORMAT_VERSION}")
-    return TrainingState(
-        network=data["network"],
-        optimizer=data["optimizer"],
-        cluster_state=ClusterState.from_state_dict(data["cluster_state"]),
-        epoch=int(data["epoch"]),
-        global_step=int(data["global_step"]),
-        job=data["job"],
-    )
+    return TrainingState.from_dict(torch.load(path, map_location="cpu", weights_only=False), where=str(path))
 
 
-def load_coordinator_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def load_coordinator_state(directory: str | os.PathLike[str]) -> CoordinatorState:
     """Read ``coordinator.pt`` of a checkpoint directory."""
     path = Path(directory) / COORDINATOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this checkpoint has no coordinator state")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return state
+    return CoordinatorState.from_dict(torch.load(path, map_location="cpu", weights_only=False), where=str(path))
 
 
-def load_network(directory: str | os.PathLike[str]) -> tuple[SeCuNetwork, TrainJobConfig, int]:
-    """The trained network of a checkpoint (eval mode), its job config and its epoch."""
-    state = load_training_state(directory)
-    job = TrainJobConfig.from_dict(state.job)
-    net = build_network(job.experiment)
-    net.load_state_dict(state.network)
-    net.eval()
-    return net, job, state.epoch
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints on storage (local or S3) and reading them
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint directory."""
+
+    location: Storage
+    """The checkpoint directory itself as a storage root (picklable; local path or s3:// prefix)."""
+    label: str
+    """How outputs name it: the path relative to the run's storage root, or the path given by the user."""
+    epoch: int
+    """Last completed training epoch."""
+    global_step: int
+    run_id: str | None
+    """The run id recorded in the checkpoint's metadata."""
+
+
+def _read_meta(location: Storage) -> dict[str, Any] | None:
+    """The checkpoint's metadata when the checkpoint is complete, else None."""
+    try:
+        meta = json.loads(location.read_bytes(META_FILE).decode("utf-8"))
+        epoch = int(meta["epoch"])
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    size = location.size(MODEL_FILE)
+    if not size:
+        return None
+    meta["epoch"] = epoch
+    meta["global_step"] = int(meta.get("global_step") or 0)
+    return dict(meta)
+
+
+def list_checkpoints(storage: Storage, run_id: str) -> list[CheckpointRef]:
+    """Complete checkpoints of a run, oldest first (by epoch, global step, directory name)."""
+    base = join("runs", run_id, CHECKPOINTS_DIR)
+    found = []
+    for entry in storage.list(base, recursive=True):
+        if not entry.path.endswith("/" + META_FILE):
+            continue
+        rel = join(base, entry.path[: -len(META_FILE) - 1])
+        location = storage.child(rel)
+        meta = _read_meta(location)
+        if meta is None:
+            logger.warning("skipping incomplete checkpoint %s (metadata or %s missing/corrupt)",
+                           storage.uri(rel), MODEL_FILE)
+            continue
+        found.append(CheckpointRef(location, rel, meta["epoch"], meta["global_step"], meta.get("run_id")))
+    return sorted(found, key=lambda c: (c.epoch, c.global_step, c.label))
+
+
+def find_latest_checkpoint(storage: Storage, run_id: str) -> CheckpointRef:
+    """The complete checkpoint of ``run_id`` with the highest epoch.
+
+    Raises:
+        FileNotFoundError: If the run has no complete checkpoint.
+    """
+    found = list_checkpoints(storage, run_id)
+    if not found:
+        where = storage.uri("runs", run_id, CHECKPOINTS_DIR)
+        raise FileNotFoundError(
+            f"no complete checkpoint under {where}: train the run first (`python -m jobs.train --run-id "
+            f"{run_id} --storage {storage.root}`), check --run-id, or pass --checkpoint PATH"
+        )
+    return found[-1]
+
+
+def checkpoint_at(path: str, storage: Storage) -> CheckpointRef:
+    """The checkpoint at an explicit ``path``: a local directory or ``s3://...`` (with ``storage``'s endpoint).
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no complete SeCu checkpoint.
+    """
+    if path.startswith("s3://"):
+        location = Storage(path, storage.s3_endpoint, storage.s3_region)
+    else:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--checkpoint {path}: no such directory; pass a checkpoint_* directory")
+        location = Storage(path)
+    meta = _read_meta(location)
+    if meta is None:
+        raise FileNotFoundError(
+            f"--checkpoint {location.uri()}: not a complete SeCu checkpoint ({META_FILE} and a non-empty "
+            f"{MODEL_FILE} are required); pass a runs/<run_id>/checkpoints/checkpoint_* directory"
+        )
+    return CheckpointRef(location, location.uri(), meta["epoch"], meta["global_step"], meta.get("run_id"))
+
+
+@contextlib.contextmanager
+def local_checkpoint_dir(ref: CheckpointRef, extra_files: Sequence[str] = ()) -> Iterator[str]:
+    """A local directory holding the checkpoint's model and metadata, plus ``extra_files`` (e.g. the
+    coordinator state), downloaded when remote."""
+    if not ref.location.is_s3:
+        yield ref.location.root
+        return
+    tmp = tempfile.mkdtemp(prefix="secu-ckpt-")
+    try:
+        for name in (MODEL_FILE, META_FILE, *extra_files):
+            with ref.location.filesystem.open_input_stream(ref.location.path(name)) as src, \
+                    open(os.path.join(tmp, name), "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_checkpoint(ref: CheckpointRef) -> tuple[TrainingState, CoordinatorState]:
+    """The training state and the coordinator state of a checkpoint (local or S3)."""
+    with local_checkpoint_dir(ref, extra_files=(COORDINATOR_FILE,)) as directory:
+        return load_training_state(directory), load_coordinator_state(directory)
+
+
+def publish_checkpoint(storage: Storage, rel: str, state: TrainingState, coordinator_state: CoordinatorState,
+                       extra_meta: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint directory at ``rel`` on ``storage``; returns its URI.
+
+    The metadata (with ``extra_meta`` added) is removed first and written last, so that a reader never
+    takes a half-written directory for a complete checkpoint (``_read_meta`` needs the metadata).
+    """
+    storage.delete(join(rel, META_FILE))
+    with tempfile.TemporaryDirectory(prefix="secu-ckpt-") as tmp:
+        _write_files(Path(tmp), state, coordinator_state, extra_meta or {})
+        for name in (MODEL_FILE, COORDINATOR_FILE):
+            storage.upload_file_atomic(join(rel, name), os.path.join(tmp, name))
+        storage.write_bytes_atomic(join(rel, META_FILE), Path(tmp, META_FILE).read_bytes())
+    return storage.uri(rel)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's network (eval mode, CPU), its job config, epoch and training history."""
+
+    network: SeCuNetwork
+    job: TrainJobConfig
+    epoch: int
+    history: list[dict[str, Any]]
+
+
+def load_checkpoint(ref: CheckpointRef) -> LoadedCheckpoint:
+    """Load the network of a checkpoint (downloading it first when remote)."""
+    with local_checkpoint_dir(ref) as directory:
+        state = load_training_state(directory)
+    job = state.job_config()
+    network = build_network(job.experiment)
+    network.load_state_dict(state.network)
+    network.eval()
+    history = state.job.get("history", [])
+    return LoadedCheckpoint(network, job, state.epoch, list(history) if isinstance(history, list) else [])

@@ -31,15 +31,15 @@ from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter
 from pipelines.dataset.info import load_dataset_info
 from pipelines.dataset.streams import build_train_dataset
 from pipelines.storage import Storage
-from pipelines.training.checkpoint_lookup import _JOB_KEYS, find_latest_checkpoint, local_checkpoint_dir
 from pipelines.training.checkpointing import (
-    COORDINATOR_FILE,
     TrainingState,
     build_network,
-    load_coordinator_state,
+    find_latest_checkpoint,
     load_training_state,
+    read_checkpoint,
     save_checkpoint,
 )
+from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig, apply_job_overrides
 from pipelines.training.metrics_log import MetricsLog
 from pipelines.training.trainer import CHECKPOINTS_DIR, TrainOutcome
@@ -60,16 +60,14 @@ class SelfLabelSource:
     epoch: int
     network: dict[str, torch.Tensor]
     cluster_state: dict[str, Any]
-    coordinator_state: dict[str, Any]
+    coordinator_state: CoordinatorState
 
 
 def load_source(storage: Storage, source_run_id: str) -> tuple[SelfLabelSource, TrainJobConfig]:
     """The source run's latest checkpoint and its job config."""
     ref = find_latest_checkpoint(storage, source_run_id)
-    with local_checkpoint_dir(ref, [COORDINATOR_FILE]) as directory:
-        state = load_training_state(directory)
-        coordinator_state = load_coordinator_state(directory)
-    job = TrainJobConfig.from_dict({k: v for k, v in state.job.items() if k in _JOB_KEYS})
+    state, coordinator_state = read_checkpoint(ref)
+    job = state.job_config()
     return SelfLabelSource(source_run_id, ref.label, state.epoch, state.network, state.cluster_state.state_dict(),
                            coordinator_state), job
 

@@ -21,13 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.training.checkpoint_lookup import CheckpointRef, local_checkpoint_dir
-from pipelines.training.checkpointing import COORDINATOR_FILE, build_network, load_training_state
-from pipelines.training.coordinator import STATE_FORMAT, label_dtype
+from pipelines.training.checkpointing import CheckpointRef, build_network, read_checkpoint
+from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import TrainJobConfig
 from secu.state import ClusterState
-
-_JOB_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe")
 
 
 @dataclass
@@ -42,27 +39,26 @@ class WarmStart:
     """State dict of the previous network (encoder + centers), loaded by every rank."""
     cluster_state: ClusterState
     """Duals of the previous run; counters consistent with the seeded memory (see ``seed_cluster_state``)."""
-    coordinator_state: dict[str, Any]
-    """A ``CoordinatorClient.state_dict()`` at epoch 0 for the new run's id ranges, loaded by rank 0."""
+    coordinator_state: CoordinatorState
+    """The coordinator state at epoch 0 for the new run's id ranges, loaded by rank 0."""
     previous_num_samples: int
     """N_old: ids [0, N_old) carry the previous labels, ids [N_old, N) start at -1."""
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-serialisable record (written to ``runs/<run_id>/warm_start.json``)."""
-        total = int(sum(np.asarray(s["prev_HN"]).shape[1] for s in self.coordinator_state["shards"]))
+        total = self.coordinator_state.num_samples
         return {"source": self.source, "source_run_id": self.source_run_id, "source_epoch": self.source_epoch,
                 "previous_num_samples": self.previous_num_samples, "num_samples": total,
                 "new_samples": total - self.previous_num_samples}
 
 
-def previous_labels(coordinator_state: dict[str, Any]) -> np.ndarray:
+def previous_labels(coordinator_state: CoordinatorState) -> np.ndarray:
     """The labels [H, N_old] of a checkpointed coordinator (its shards concatenated in id order)."""
-    shards = sorted(coordinator_state["shards"], key=lambda s: int(s["lo"]))
-    return np.concatenate([np.asarray(s["prev_HN"]) for s in shards], axis=1)
+    return coordinator_state.labels()
 
 
 def seeded_coordinator_state(labels_HM: np.ndarray, num_samples: int, ranges: list[tuple[int, int]],
-                             ks: list[int]) -> dict[str, Any]:
+                             ks: list[int]) -> CoordinatorState:
     """A coordinator state at epoch 0 whose memory holds ``labels_HM`` for ids [0, M) and -1 after.
 
     Raises:
@@ -79,10 +75,9 @@ def seeded_coordinator_state(labels_HM: np.ndarray, num_samples: int, ranges: li
         raise ValueError(f"previous labels of {heads} heads do not fit ks={ks}: the warm start needs the same ks")
     full_HN = np.full((heads, num_samples), -1, dtype=label_dtype(ks))
     full_HN[:, :m] = labels_HM
-    shards = [{"format": STATE_FORMAT, "lo": lo, "hi": hi, "ks": list(ks), "epoch": 0,
-               "prev_HN": full_HN[:, lo:hi].copy(), "counters": None, "duals": None, "history": []}
-              for lo, hi in ranges]
-    return {"format": STATE_FORMAT, "ranges": [list(r) for r in ranges], "ks": list(ks), "shards": shards}
+    shards = tuple(ShardState(lo=lo, hi=hi, ks=tuple(ks), epoch=0, prev_HN=full_HN[:, lo:hi].copy())
+                   for lo, hi in ranges)
+    return CoordinatorState(ranges=tuple(ranges), ks=tuple(ks), shards=shards)
 
 
 def seed_cluster_state(previous: ClusterState, labels_HN: np.ndarray, ks: list[int], constraint: str) -> ClusterState:
@@ -109,11 +104,9 @@ def prepare_warm_start(ref: CheckpointRef, job: TrainJobConfig, num_samples: int
         FileNotFoundError: The checkpoint has no coordinator state.
         ValueError: The checkpoint's network or ks do not fit ``job`` (the message says what differs).
     """
-    with local_checkpoint_dir(ref, extra_files=(COORDINATOR_FILE,)) as directory:
-        saved = load_training_state(directory)
-        coord = torch.load(f"{directory}/{COORDINATOR_FILE}", map_location="cpu", weights_only=False)
+    saved, coord = read_checkpoint(ref)
     ks = list(job.experiment.secu.ks)
-    prev_job = TrainJobConfig.from_dict({k: v for k, v in saved.job.items() if k in _JOB_KEYS})
+    prev_job = saved.job_config()
     if list(prev_job.experiment.secu.ks) != ks:
         raise ValueError(
             f"warm start from {ref.label}: it has ks={list(prev_job.experiment.secu.ks)}, this run ks={ks}; "
@@ -128,7 +121,7 @@ def prepare_warm_start(ref: CheckpointRef, job: TrainJobConfig, num_samples: int
         ) from None
     labels_HM = previous_labels(coord)
     state = seeded_coordinator_state(labels_HM, num_samples, ranges, ks)
-    full_HN = np.concatenate([s["prev_HN"] for s in state["shards"]], axis=1)
+    full_HN = state.labels()
     cluster_state = seed_cluster_state(saved.cluster_state, full_HN, ks, job.experiment.secu.constraint)
     return WarmStart(source=ref.label, source_run_id=ref.run_id, source_epoch=saved.epoch, network=saved.network,
                      cluster_state=cluster_state, coordinator_state=state, previous_num_samples=labels_HM.shape[1])

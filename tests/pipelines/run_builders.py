@@ -29,6 +29,7 @@ from pipelines.outputs.schema import (
 )
 from pipelines.storage import Storage, join
 from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
 from secu.recipes import recipe
 from secu.state import ClusterState
@@ -52,8 +53,19 @@ def train_job(run_id: str, dataset: str) -> TrainJobConfig:
                           run_id=run_id)
 
 
-def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int) -> None:
-    """A checkpoint (fresh network, as the training loop lays it out, with a history) in ``directory``."""
+def coordinator_state(num_samples: int, ks: Sequence[int], epoch: int) -> CoordinatorState:
+    """A one-shard coordinator state after training epoch ``epoch``: id i has label i % K_h in head h,
+    the counters are the cluster sizes, the duals 0."""
+    prev_HN = np.stack([np.arange(num_samples) % k for k in ks]).astype(label_dtype(ks))
+    shard = ShardState(lo=0, hi=num_samples, ks=tuple(ks), epoch=epoch + 1, prev_HN=prev_HN,
+                       counters=[np.bincount(prev_HN[h], minlength=k) for h, k in enumerate(ks)],
+                       duals=[np.zeros(k) for k in ks])
+    return CoordinatorState(ranges=((0, num_samples),), ks=tuple(ks), shards=(shard,))
+
+
+def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int, num_samples: int = 12) -> None:
+    """A checkpoint (fresh network, as the training loop lays it out, with a history, and the coordinator
+    state of ``coordinator_state``) in ``directory``."""
     job = train_job(run_id, dataset)
     exp = job.experiment
     network = build_network(exp)
@@ -63,7 +75,7 @@ def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int) -> N
     state = TrainingState(network={k: v.detach().clone() for k, v in network.state_dict().items()}, optimizer={},
                           cluster_state=ClusterState.create(exp.secu.ks), epoch=epoch, global_step=10 * (epoch + 1),
                           job=job.to_dict() | {"history": history})
-    save_checkpoint(directory, state, {"epoch": epoch})
+    save_checkpoint(directory, state, coordinator_state(num_samples, exp.secu.ks, epoch))
 
 
 def upload_dir(storage: Storage, local: str, rel: str) -> None:

@@ -10,14 +10,16 @@ from pipelines.recluster.alignment import (
     CENTER_KEY,
     RunLabels,
     align_heads,
-    aligned_payload,
+    aligned_checkpoint,
     drift_metrics,
     drift_summary,
     match_centers,
     permute_clusters,
     relabel,
 )
-from pipelines.training.coordinator import STATE_FORMAT
+from pipelines.training.checkpointing import TrainingState
+from pipelines.training.coordinator_state import CoordinatorState, ShardState
+from secu.state import ClusterState
 
 
 def test_match_recovers_a_permutation_under_noise() -> None:
@@ -46,7 +48,7 @@ def test_permuted_centers_assign_the_mapped_ids() -> None:
     assert relabel(labels, mapping).dtype == np.int16
 
 
-def test_aligned_payload_permutes_centers_duals_and_memory_consistently() -> None:
+def test_aligned_checkpoint_permutes_centers_duals_and_memory_consistently() -> None:
     rng = np.random.default_rng(2)
     ks = [3, 4]
     prev = {CENTER_KEY.format(head=h): torch.from_numpy(rng.normal(size=(5, k))) for h, k in enumerate(ks)}
@@ -56,22 +58,26 @@ def test_aligned_payload_permutes_centers_duals_and_memory_consistently() -> Non
     alignments = align_heads(prev, new_net, ks)
     assert [a.mapping for a in alignments] == [p.tolist() for p in perms]
     duals = [torch.arange(k, dtype=torch.float64) for k in ks]
-    model = {"network": new_net, "optimizer": {"state": 1}, "cluster_state": {"counters": duals, "duals": duals},
-             "epoch": 3}
+    state = TrainingState(network=new_net, optimizer={"state": 1}, cluster_state=ClusterState(duals, duals), epoch=3,
+                          global_step=30, job={"run_id": "r"})
     labels_HN = np.array([[0, 1, 2, -1], [3, 0, 1, 2]], dtype=np.int16)
-    coord = {"format": STATE_FORMAT, "ranges": [[0, 4]], "ks": ks,
-             "shards": [{"lo": 0, "hi": 4, "prev_HN": labels_HN, "counters": [d.numpy() for d in duals],
-                         "duals": None}]}
-    new_model, new_coord = aligned_payload(model, coord, alignments)
+    shard = ShardState(lo=0, hi=4, ks=tuple(ks), epoch=4, prev_HN=labels_HN, counters=[d.numpy() for d in duals])
+    coord = CoordinatorState(ranges=((0, 4),), ks=tuple(ks), shards=(shard,))
+    new_state, new_coord = aligned_checkpoint(state, coord, alignments)
+    new_shard = new_coord.shards[0]
     for h in range(2):
-        # the aligned centers equal the previous run's, and the memory/duals moved with them
-        assert torch.allclose(new_model["network"][CENTER_KEY.format(head=h)], prev[CENTER_KEY.format(head=h)])
-        assert new_coord["shards"][0]["prev_HN"][h].tolist() == relabel(labels_HN[h], perms[h]).tolist()
-        moved = new_model["cluster_state"]["duals"][h]
-        assert all(moved[perms[h][j]] == duals[h][j] for j in range(ks[h]))
-    assert new_model["optimizer"] == {} and new_model["epoch"] == 3
-    assert new_model["network"]["encoder.w"] is new_net["encoder.w"]
-    assert coord["shards"][0]["prev_HN"] is labels_HN  # the input is not modified
+        # the aligned centers equal the previous run's, and the memory/duals/counters moved with them
+        assert torch.allclose(new_state.network[CENTER_KEY.format(head=h)], prev[CENTER_KEY.format(head=h)])
+        assert new_shard.prev_HN[h].tolist() == relabel(labels_HN[h], perms[h]).tolist()
+        for moved in (new_state.cluster_state.duals[h], new_state.cluster_state.counters[h]):
+            assert all(moved[perms[h][j]] == duals[h][j] for j in range(ks[h]))
+        assert new_shard.counters is not None
+        assert all(new_shard.counters[h][perms[h][j]] == duals[h][j] for j in range(ks[h]))
+    assert new_shard.duals is None and new_shard.prev_HN.dtype == np.int16 and new_shard.epoch == 4
+    assert new_state.optimizer == {}
+    assert (new_state.epoch, new_state.global_step, new_state.job) == (3, 30, {"run_id": "r"})
+    assert new_state.network["encoder.w"] is new_net["encoder.w"]
+    assert coord.shards[0].prev_HN is labels_HN and state.optimizer == {"state": 1}  # the inputs are not modified
 
 
 def test_drift_summary_by_hand() -> None:

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from pipelines.storage import Storage
-from pipelines.training.checkpoint_lookup import checkpoint_at
-from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
-from pipelines.training.coordinator import AssignmentMemory, shard_ranges
+from pipelines.training.checkpointing import TrainingState, build_network, checkpoint_at, save_checkpoint
+from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
+from pipelines.training.memory import AssignmentMemory, shard_ranges
 from pipelines.training.warm_start import prepare_warm_start
 from secu.recipes import recipe
 from secu.state import ClusterState
+from tests.pipelines.training.memory_builders import close_epoch
 
 KS = [3, 6]
 
@@ -40,9 +41,9 @@ def previous_checkpoint(directory: Path, n_old: int, constraint: str = "size") -
     for lo, hi in shard_ranges(n_old, 2):  # the previous run had 2 coordinator shards
         memory = AssignmentMemory(lo, hi, KS)
         memory.write(np.arange(lo, hi), labels_HN[:, lo:hi], epoch=0)
-        memory.end_epoch(None, None)
+        close_epoch(memory)
         shards.append(memory.state_dict())
-    coordinator = {"format": 1, "ranges": shard_ranges(n_old, 2), "ks": KS, "shards": shards}
+    coordinator = CoordinatorState(ranges=tuple(shard_ranges(n_old, 2)), ks=tuple(KS), shards=tuple(shards))
     network = {k: v.detach().clone() for k, v in net.state_dict().items()}
     save_checkpoint(directory, TrainingState(network=network, optimizer={}, cluster_state=state, epoch=4,
                                              global_step=40, job=prev_job.to_dict() | {"history": []}), coordinator)
@@ -58,16 +59,19 @@ def test_warm_start_seeds_old_ids_and_leaves_new_ids_unlabelled(tmp_path: Path, 
     assert all(torch.equal(warm.network[k], network[k]) for k in network)
     assert not torch.equal(build_network(new_job.experiment).state_dict()["centers.weights.0"],
                            network["centers.weights.0"])
-    memory = np.concatenate([s["prev_HN"] for s in warm.coordinator_state["shards"]], axis=1)
+    memory = warm.coordinator_state.labels()
     assert memory.shape == (2, 70)
     assert (memory[:, :50] == labels_HN).all() and (memory[:, 50:] == -1).all()
-    assert [s["epoch"] for s in warm.coordinator_state["shards"]] == [0, 0, 0]
+    assert [s.epoch for s in warm.coordinator_state.shards] == [0, 0, 0]
+    assert warm.coordinator_state.ranges == tuple(shard_ranges(70, 3))
+    assert all(s.prev_HN.dtype == np.int16 and s.counters is None and s.duals is None
+               for s in warm.coordinator_state.shards)
     for h, k in enumerate(KS):
         assert torch.equal(warm.cluster_state.duals[h], state.duals[h])
         expected = np.bincount(labels_HN[h], minlength=k) if constraint == "entropy" else np.zeros(k)
         assert warm.cluster_state.counters[h].tolist() == expected.astype(float).tolist()
     # The seeded state loads into a coordinator of the new run's layout.
-    for (lo, hi), shard in zip(shard_ranges(70, 3), warm.coordinator_state["shards"], strict=True):
+    for (lo, hi), shard in zip(shard_ranges(70, 3), warm.coordinator_state.shards, strict=True):
         AssignmentMemory(lo, hi, KS).load_state_dict(shard)
     assert warm.summary()["new_samples"] == 20 and warm.summary()["source_epoch"] == 4
 
