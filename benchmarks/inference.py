@@ -56,6 +56,7 @@ DATASET = "fm"
 def write_fresh_checkpoint(storage: Storage, recipe_name: str) -> str:
     """A freshly initialised checkpoint under ``runs/<RUN_ID>/checkpoints/``; returns its rel path."""
     from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+    from pipelines.training.coordinator_state import CoordinatorState, ShardState
     from pipelines.training.job_config import ComputeConfig, TrainJobConfig
     from secu.recipes import recipe
     from secu.state import ClusterState
@@ -67,7 +68,10 @@ def write_fresh_checkpoint(storage: Storage, recipe_name: str) -> str:
                           cluster_state=ClusterState.create(job.experiment.secu.ks), epoch=0, global_step=0,
                           job=job.to_dict())
     rel = join("runs", RUN_ID, "checkpoints", "checkpoint_fresh")
-    save_checkpoint(storage.path(rel), state, {})
+    ks = tuple(job.experiment.secu.ks)
+    empty = CoordinatorState(ranges=((0, 1),), ks=ks, shards=(ShardState(
+        lo=0, hi=1, ks=ks, epoch=0, prev_HN=np.full((len(ks), 1), -1, dtype=np.int16)),))
+    save_checkpoint(storage.path(rel), state, empty)
     return rel
 
 
@@ -82,10 +86,10 @@ def ours(storage: Storage, options: Any) -> Figures:
 
 def plain_loop(storage: Storage, out_dir: str, batch_size: int, threads: int) -> Figures:
     """Single process: tars -> decode -> eval transform -> model -> rows -> one Parquet file."""
-    from pipelines.dataset.info import dataset_dir, load_dataset_info
     from pipelines.dataset.decode import decode_image
+    from pipelines.dataset.info import dataset_dir, load_dataset_info
     from pipelines.outputs.inference import Assigner
-    from pipelines.training.checkpoint_lookup import find_latest_checkpoint, load_checkpoint
+    from pipelines.training.checkpointing import find_latest_checkpoint, load_checkpoint
     from secu.augment import EvalTransform
 
     with Stopwatch() as sw:

@@ -52,7 +52,7 @@ from pipelines.outputs.schema import (
     similarity_column,
 )
 from pipelines.storage import Storage, join
-from pipelines.training.checkpoint_lookup import (
+from pipelines.training.checkpointing import (
     CheckpointRef,
     LoadedCheckpoint,
     checkpoint_at,

@@ -21,9 +21,10 @@ from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter
 from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest_labels
 from pipelines.dataset.streams import build_train_dataset
 from pipelines.storage import Storage
-from pipelines.training.checkpoint_lookup import checkpoint_at, list_checkpoints
-from pipelines.training.coordinator import CoordinatorClient, shard_ranges
+from pipelines.training.checkpointing import checkpoint_at, list_checkpoints
+from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.job_config import TrainJobConfig
+from pipelines.training.memory import shard_ranges
 from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker
 from pipelines.training.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection

@@ -23,7 +23,7 @@ from pipelines.outputs.evaluation import evaluate_assignments
 from pipelines.outputs.inference import InferenceOptions, InferenceResult, run_inference
 from pipelines.outputs.schema import assignment_schema
 from pipelines.storage import Storage
-from pipelines.training.checkpoint_lookup import checkpoint_at, find_latest_checkpoint, load_checkpoint
+from pipelines.training.checkpointing import checkpoint_at, find_latest_checkpoint, load_checkpoint
 from secu.augment import EvalTransform, normalize
 from tests.pipelines.run_builders import add_checkpoint, make_dataset
 

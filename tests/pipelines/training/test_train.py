@@ -67,7 +67,7 @@ def test_worker_and_coordinator_killed_mid_run_recover(storage: Storage) -> None
     saved = load_training_state(outcome.checkpoint_path)
     coord = load_coordinator_state(outcome.checkpoint_path)
     assert saved.epoch == 3
-    memory = np.concatenate([shard["prev_HN"] for shard in coord["shards"]], axis=1)
+    memory = coord.labels()
     assert memory.shape == (2, N) and (memory >= 0).all()
     for h, k in enumerate((3, 6)):
         recount = np.bincount(memory[h], minlength=k)
@@ -89,7 +89,7 @@ def test_stopped_run_resumes_from_its_checkpoint(storage: Storage) -> None:
     assert final.global_step == at_stop.global_step + 2 * rows[1]["train/steps"]
     assert at_stop.global_step == rows[0]["train/steps"]
     assert rows[1]["clusters/h0/changed_frac"] < 1.0  # compared against the restored epoch-0 labels
-    prev0 = np.concatenate([s["prev_HN"] for s in coord_at_stop["shards"]], axis=1)
+    prev0 = coord_at_stop.labels()
     assert (prev0 >= 0).all()
 
 
