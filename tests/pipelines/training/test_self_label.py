@@ -44,7 +44,7 @@ def test_self_label_starts_from_the_run_checkpoints_and_resumes(tmp_path: Path, 
     src = source.network.state_dict()
     assert not torch.equal(state.network["centers.weights.0"], src["centers.weights.0"])
     assert torch.equal(state.network["centers.weights.1"], src["centers.weights.1"])
-    assert load_coordinator_state(first[0].location.root).epoch == 3  # carried over for warm starts
+    assert load_coordinator_state(first[0].location.root).epoch == 4  # the source's, carried over for warm starts
 
     # The same run id resumes: epoch 1 is trained from the epoch-0 checkpoint, epoch 0 is not repeated.
     assert self_label_job.main([*args, "--set", "self_label.epochs=2"]) == 0
