@@ -281,25 +281,8 @@ def _tick(storage: Storage, job: TrainJobConfig, base: str, tick: str, previous:
     else:
         logger.info("no new images since %s: nothing to infer (infer_scope=new)", previous and previous["run_id"])
 
-    drift: dict[str, Any] = {}
-    record: dict[str, Any] = {"run_id": run_id, "series": base, "tick": tick, "created": _now_iso(),
-                              "previous_run_id": previous["run_id"] if previous else None,
-                              "alignment": alignment_record(alignments)}
-    if previous is not None:
-        assert prev_coordinator is not None
-        if drift_source == "assignments":
-            before = _assignment_labels(storage, previous["run_id"], len(ks))
-            now = _assignment_labels(storage, run_id, len(ks))
-        else:
-            before = _memory_labels(prev_coordinator)
-            now = _memory_labels(coordinator)
-        drift = drift_summary(before, now, ks, alignments)
-        record |= drift
-    else:
-        record["note"] = "first tick of the series: nothing to compare with"
-    storage.write_bytes_atomic(join("runs", run_id, DRIFT_FILE),
-                               (json.dumps(record, indent=1, default=float) + "\n").encode())
-    _log_drift(run_id, drift)
+    drift, record = _write_drift(storage, run_id, base, tick, previous, ks, alignments, drift_source,
+                                 coordinator, prev_coordinator)
 
     report_uri = None
     if out_uri is not None:
@@ -321,6 +304,33 @@ def _tick(storage: Storage, job: TrainJobConfig, base: str, tick: str, previous:
                            added=added, num_samples=info.num_samples, new_images=info.num_samples - prev_num,
                            warm_start_from=warm_from, epochs_run=outcome.epochs_run, checkpoint=aligned,
                            assignments=out_uri, rows=rows, drift=drift, report=report_uri)
+
+
+def _write_drift(storage: Storage, run_id: str, base: str, tick: str, previous: dict[str, Any] | None,
+                 ks: list[int], alignments: list[HeadAlignment], drift_source: str, coordinator: CoordinatorState,
+                 prev_coordinator: CoordinatorState | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compare this tick's labels with the previous tick's (published assignments when both inferred every
+    image, else the training memories), write ``runs/<run_id>/drift.json`` and log it; returns (drift, record)."""
+    drift: dict[str, Any] = {}
+    record: dict[str, Any] = {"run_id": run_id, "series": base, "tick": tick, "created": _now_iso(),
+                              "previous_run_id": previous["run_id"] if previous else None,
+                              "alignment": alignment_record(alignments)}
+    if previous is not None:
+        assert prev_coordinator is not None
+        if drift_source == "assignments":
+            before = _assignment_labels(storage, previous["run_id"], len(ks))
+            now = _assignment_labels(storage, run_id, len(ks))
+        else:
+            before = _memory_labels(prev_coordinator)
+            now = _memory_labels(coordinator)
+        drift = drift_summary(before, now, ks, alignments)
+        record |= drift
+    else:
+        record["note"] = "first tick of the series: nothing to compare with"
+    storage.write_bytes_atomic(join("runs", run_id, DRIFT_FILE),
+                               (json.dumps(record, indent=1, default=float) + "\n").encode())
+    _log_drift(run_id, drift)
+    return drift, record
 
 
 def _publish_aligned(storage: Storage, run_id: str, ks: list[int], previous: dict[str, Any] | None,
