@@ -1,16 +1,64 @@
-"""Small helpers shared by the job entrypoints: storage arguments and logging setup."""
+"""What every job entrypoint shares: its parser's common options, the storage it opens, and ``run_job``.
+
+``run_job`` decides, once for all jobs, which errors a user can fix: those end the job with exit code 2
+(3 for a held lock) and one paragraph on stderr, without a traceback; every other exception is a bug and
+propagates with its traceback. ``--log-level DEBUG`` also logs the traceback of a user error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from pipelines.run_lock import LockHeldError
 from pipelines.storage import Storage
 
+logger = logging.getLogger(__name__)
 
-def add_storage_args(parser: argparse.ArgumentParser) -> None:
+EXIT_USER_ERROR = 2
+"""A problem the user can fix: bad value or key, missing dataset/run/checkpoint, storage, bad input."""
+EXIT_LOCKED = 3
+"""Another run holds the lock of the series or dataset (``LockHeldError``): retry when it has finished."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT), as a shell reports it."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the entrypoint process of a ``ray job submit`` job."""
+
+_STORAGE_HINT = "check --storage, --s3-endpoint and the AWS_* credentials in the environment"
+_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_BAD_INPUT_LINE = re.compile(r"pipelines\.dataset\.bad_input\.BadInputError: (.+)")
+
+
+def job_parser(prog: str, description: str | None, *, config_help: str | None = None,
+               set_help: str | None = None, storage: bool = True) -> argparse.ArgumentParser:
+    """A job's parser with ``--log-level``, the storage options and, when helps are given, ``--config FILE``
+    and ``--set KEY=VALUE``; the job adds its own options to it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = parser.add_argument_group("configuration and logging")
+    if config_help:
+        common.add_argument("--config", type=Path, default=None, metavar="FILE", help=config_help)
+    if set_help:
+        common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"{set_help}; repeatable, applied after --config and the shortcut options")
+    common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
+                        help="log level (default INFO; DEBUG also logs the traceback of an error)")
+    if storage:
+        add_storage_args(parser.add_argument_group("storage"))
+    return parser
+
+
+def add_storage_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Add ``--storage ROOT`` (required), ``--s3-endpoint URL`` and ``--s3-region``."""
     parser.add_argument("--storage", required=True, metavar="ROOT",
                         help="local directory or s3://bucket/prefix holding datasets/ and runs/")
@@ -21,17 +69,13 @@ def add_storage_args(parser: argparse.ArgumentParser) -> None:
                         help="region used to sign S3 requests (default $AWS_DEFAULT_REGION or us-east-1)")
 
 
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray's job supervisor in the entrypoint process of a ``ray job submit`` job."""
-
-
 def running_as_submitted_job() -> bool:
     """True inside the entrypoint of a job started by ``ray job submit`` (or the job SDK)."""
     return SUBMITTED_JOB_ENV in os.environ
 
 
 def storage_from_args(args: argparse.Namespace) -> Storage:
-    """The validated Storage of ``add_storage_args``' arguments (ValueError on a bad root).
+    """The validated Storage of ``add_storage_args``' arguments (ValueError on a bad root); no I/O.
 
     Inside a submitted job the working directory is the uploaded copy of ``--working-dir``, which Ray
     deletes with the job, so a relative local root is refused there.
@@ -46,6 +90,13 @@ def storage_from_args(args: argparse.Namespace) -> Storage:
     return Storage(root, s3_endpoint=args.s3_endpoint or None, s3_region=args.s3_region)
 
 
+def open_storage(args: argparse.Namespace) -> Storage:
+    """``storage_from_args``, checked to be reachable (bucket, endpoint, credentials) before any work."""
+    storage = storage_from_args(args)
+    storage.check_reachable()
+    return storage
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger once for a job process (time, level, logger name, message)."""
     logging.basicConfig(
@@ -53,3 +104,112 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+@dataclass(frozen=True)
+class UserFailure:
+    """How ``run_job`` reports an exception the user can fix."""
+
+    exit_code: int
+    kind: str
+    """What went wrong, in words: bad configuration, not found, storage, bad input, refused."""
+    message: str
+
+
+def run_job(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None) -> int:
+    """Parse ``argv``, set up logging and run ``body``; returns the exit code of the job.
+
+    ``classify_error`` is the one place that decides what a user can fix; anything else propagates.
+    """
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return body(args)
+    except KeyboardInterrupt:
+        logger.error("%s: interrupted", parser.prog)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        found = classify_error(err)
+        if found is None:
+            raise
+        logger.debug("%s: traceback of the error below", parser.prog, exc_info=True)
+        logger.error("%s: %s: %s", parser.prog, found.kind, found.message)
+        return found.exit_code
+
+
+def classify_error(err: BaseException) -> UserFailure | None:
+    """The report of an error the user can fix, None for a bug (see the module docstring).
+
+    User errors: ``LockHeldError`` (exit 3); ``BadInputError`` (the bad-input budget); ``FileNotFoundError``
+    (a missing dataset, run, checkpoint or config file); ``ValueError`` (a bad value or key); and storage
+    errors: ``PermissionError``, ``ConnectionError``, ``TimeoutError``, ``NotADirectoryError``,
+    ``IsADirectoryError``, a full or read-only disk, pyarrow's S3 ``OSError`` ("AWS Error ...") and botocore's
+    connection, credential and client errors (s3fs). Ray's wrappers (a failed task, Ray Data UDF or Train
+    worker) count as the error they carry.
+    """
+    if _is_ray_error(err):
+        return _classify_ray_error(err)
+    bad_input = _loaded_class("pipelines.dataset.bad_input", "BadInputError")
+    if isinstance(err, LockHeldError):
+        return UserFailure(EXIT_LOCKED, "refused", _one_paragraph(err))
+    if bad_input is not None and isinstance(err, bad_input):
+        return UserFailure(EXIT_USER_ERROR, "bad input", _one_paragraph(err))
+    if isinstance(err, FileNotFoundError):
+        return UserFailure(EXIT_USER_ERROR, "not found", _one_paragraph(err))
+    if isinstance(err, ValueError):
+        return UserFailure(EXIT_USER_ERROR, "bad configuration", _one_paragraph(err))
+    if isinstance(err, PermissionError | ConnectionError | TimeoutError | NotADirectoryError | IsADirectoryError):
+        return UserFailure(EXIT_USER_ERROR, "storage", _one_paragraph(err))
+    if isinstance(err, OSError) and err.errno in _OS_ERRNOS:
+        return UserFailure(EXIT_USER_ERROR, "storage", _one_paragraph(err))
+    if isinstance(err, OSError) and "AWS Error" in str(err):
+        return UserFailure(EXIT_USER_ERROR, "storage", f"{_one_paragraph(err)} ({_STORAGE_HINT})")
+    if isinstance(err, _botocore_errors()):
+        return UserFailure(EXIT_USER_ERROR, "storage", f"{type(err).__name__}: {_one_paragraph(err)} ({_STORAGE_HINT})")
+    return None
+
+
+def _one_paragraph(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _loaded_class(module: str, name: str) -> type[BaseException] | None:
+    """A class of a module only when that module is imported (no instance can exist otherwise)."""
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def _botocore_errors() -> tuple[type[BaseException], ...]:
+    """botocore's (s3fs') unreachable-endpoint, timeout, credential and S3 error classes, when loaded."""
+    names = ("ConnectionError", "HTTPClientError", "NoCredentialsError", "PartialCredentialsError", "ClientError")
+    found = (_loaded_class("botocore.exceptions", name) for name in names)
+    return tuple(cls for cls in found if cls is not None)
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    module = type(err).__module__
+    return module == "ray" or module.startswith("ray.")
+
+
+def _inner_errors(err: BaseException) -> Iterator[BaseException]:
+    """What a Ray exception wraps: a task's cause, a Train controller's or workers' failures, ``__cause__``."""
+    candidates: list[Any] = [getattr(err, "cause", None), getattr(err, "controller_failure", None)]
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict):
+        candidates.extend(failures.values())
+    candidates.append(err.__cause__)
+    yield from (c for c in candidates if isinstance(c, BaseException) and c is not err)
+
+
+def _classify_ray_error(err: BaseException) -> UserFailure | None:
+    for inner in _inner_errors(err):
+        found = classify_error(inner)
+        if found is not None:
+            return found
+    # A Ray Data UDF's error reaches the driver only as text in the remote traceback.
+    text = f"{err}\n{getattr(err, 'traceback_str', '')}"
+    match = _BAD_INPUT_LINE.search(text)
+    if match:
+        return UserFailure(EXIT_USER_ERROR, "bad input", match.group(1).strip())
+    return None

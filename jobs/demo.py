@@ -3,7 +3,8 @@
 Ingests Fashion-MNIST (Debian's ``dataset-fashion-mnist``) to a local directory, trains the CPU recipe
 with 2 workers on an embedded local Ray, infers cluster assignments for the train split and the test
 split, evaluates them against the labels and writes the HTML report. Re-running resumes: the ingest
-adds nothing twice and the training run continues from its last checkpoint.
+adds nothing twice and the training run continues from its last checkpoint. --config and --set change
+the training (the keys of jobs.train) and are checked before anything runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs import evaluate as evaluate_job
@@ -20,63 +22,76 @@ from jobs import infer as infer_job
 from jobs import ingest as ingest_job
 from jobs import report as report_job
 from jobs import train as train_job
-from jobs.common import setup_logging
+from jobs.common import job_parser, run_job
+from jobs.options import TRAIN_HELP, collect, train_keys
+from secu.recipes import RECIPE_NAMES
 
 logger = logging.getLogger("jobs.demo")
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+TEST_SET = "fashion-mnist-test"
+DEMO_KEYS = train_keys(without=("dataset", "run_id"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of the demo (all have defaults)."""
-    parser = argparse.ArgumentParser(prog="secu demo", description=__doc__)
+    parser = job_parser("secu demo", __doc__, config_help="YAML file of training keys (as for secu train, but "
+                        "dataset and run_id)", set_help=f"override {TRAIN_HELP} (not dataset or run_id)",
+                        storage=False)
     parser.add_argument("--storage", default="./data", help="local directory for datasets and runs")
     parser.add_argument("--source", default=str(FASHION_MNIST), help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--run-id", default="demo-fashion-mnist", help="run id (the same id resumes)")
     parser.add_argument("--train-limit", type=int, default=0,
                         help="train on the first N training images; 0 (default) = all 60,000")
-    parser.add_argument("--recipe", default="fashion-mnist-cpu",
-                        help="training recipe: fashion-mnist-cpu (12 epochs; the whole demo took 7.4 minutes on 2 "
-                             "cores) or fashion-mnist-cpu-long (40 epochs; 24 minutes)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="training config overrides, e.g. optim.epochs=20")
+    parser.add_argument("--recipe", choices=RECIPE_NAMES, default=None, metavar="NAME",
+                        help="training recipe (default fashion-mnist-cpu unless --config sets one): fashion-mnist-cpu "
+                             "(12 epochs; the whole demo took 7.4 minutes on 2 cores) or fashion-mnist-cpu-long "
+                             "(40 epochs; 24 minutes)")
     return parser
 
 
-def _step(name: str, code: int) -> None:
-    if code != 0:
-        raise SystemExit(f"demo: the {name} step failed (exit code {code}); see the log above")
+def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[list[str]], int], list[str]]]:
+    """(name, job main, arguments) of every step; the training arguments are checked by ``demo`` first."""
+    common = ["--storage", args.storage, "--log-level", args.log_level]
+    source = f"idx:{args.source}"
+    train_set = "fashion-mnist-train" if args.train_limit == 0 else f"fashion-mnist-train{args.train_limit // 1000}k"
+    limit = [] if args.train_limit == 0 else ["--limit", str(args.train_limit)]
+    config = [] if args.config is None else ["--config", str(args.config)]
+    # Two training workers at half a CPU each leave a CPU for Ray Data's decode and augmentation tasks.
+    compute = ["--set", "compute.cpus_per_worker=0.5", "--set", "compute.torch_threads=1"]
+    overrides = [x for o in args.overrides for x in ("--set", o)]
+    recipe = [] if args.recipe is None else ["--recipe", args.recipe]
+    out: list[tuple[str, Callable[[list[str]], int], list[str]]] = [
+        ("ingest", ingest_job.main, ["--source", source, "--split", "train", "--dataset", train_set, *limit, *common]),
+        ("ingest", ingest_job.main, ["--source", source, "--split", "test", "--dataset", TEST_SET, *common]),
+        ("train", train_job.main, [*recipe, "--dataset", train_set, "--run-id", args.run_id, "--num-workers", "2",
+                                   *config, *compute, *overrides, *common]),
+    ]
+    for dataset in (train_set, TEST_SET):
+        out.append(("infer", infer_job.main, ["--run-id", args.run_id, "--dataset", dataset, *common]))
+        out.append(("evaluate", evaluate_job.main, ["--run-id", args.run_id, "--dataset", dataset, *common]))
+    out.append(("report", report_job.main, ["--run-id", args.run_id, "--dataset", TEST_SET, *common]))
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ingest, train, infer, evaluate and report."""
-    setup_logging()
-    args = build_parser().parse_args(argv)
-    source = Path(args.source)
-    if not (source / "train-images-idx3-ubyte.gz").exists():
-        logger.error("Fashion-MNIST is not at %s: install Debian's package (apt-get install dataset-fashion-mnist) "
-                     "or pass --source DIR with the four IDX files", source)
-        return 2
+def demo(args: argparse.Namespace) -> int:
+    """The job: check the training config and the source, then run every step; stop at the first failure."""
+    collect(DEMO_KEYS, args.config, args.overrides)  # the chain's steps name the datasets and the run
+    chain = steps(args)
+    train_argv = next(argv for name, _, argv in chain if name == "train")
+    train_job.resolve_job(train_job.build_parser().parse_args(train_argv))  # bad keys/values fail before any work
+    if not (Path(args.source) / "train-images-idx3-ubyte.gz").exists():
+        raise FileNotFoundError(f"Fashion-MNIST is not at {args.source}: install Debian's package (apt-get install "
+                                "dataset-fashion-mnist) or pass --source DIR with the four IDX files")
     started = time.perf_counter()
     import ray
 
     ray.init(num_cpus=None, log_to_driver=True)
-    storage = ["--storage", args.storage]
-    train_name = "fashion-mnist-train" if args.train_limit == 0 else f"fashion-mnist-train{args.train_limit // 1000}k"
-    limit = [] if args.train_limit == 0 else ["--limit", str(args.train_limit)]
-    _step("ingest", ingest_job.main(["--source", f"idx:{source}", "--split", "train", "--dataset", train_name,
-                                     *limit, *storage]))
-    _step("ingest", ingest_job.main(["--source", f"idx:{source}", "--split", "test", "--dataset",
-                                     "fashion-mnist-test", *storage]))
-    overrides = [x for o in args.overrides for x in ("--set", o)]
-    # Two training workers at half a CPU each leave a CPU for Ray Data's decode and augmentation tasks.
-    compute = ["--set", "compute.cpus_per_worker=0.5", "--set", "compute.torch_threads=1"]
-    _step("train", train_job.main(["--recipe", args.recipe, "--dataset", train_name, "--run-id",
-                                   args.run_id, "--num-workers", "2", *compute, *overrides, *storage]))
-    for dataset in (train_name, "fashion-mnist-test"):
-        _step("infer", infer_job.main(["--run-id", args.run_id, "--dataset", dataset, *storage]))
-        _step("evaluate", evaluate_job.main(["--run-id", args.run_id, "--dataset", dataset, *storage]))
-    _step("report", report_job.main(["--run-id", args.run_id, "--dataset", "fashion-mnist-test", *storage]))
+    for name, step, argv in chain:
+        code = step(argv)
+        if code != 0:
+            logger.error("demo: the %s step failed (exit code %d); see the log above", name, code)
+            return code
     run_dir = Path(args.storage).resolve() / "runs" / args.run_id
     warnings = [w for path in sorted(run_dir.glob("metrics*.json"))
                 for w in json.loads(path.read_text()).get("warnings", [])]
@@ -84,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; WARNING: {len(warnings)} collapsed head(s), see metrics*.json and the log" if warnings else ""))
     print(f"  assignments (Parquet): {run_dir}/assignments-*/")
     print(f"  metrics:               {run_dir}/metrics*.json")
-    print(f"  report:                {run_dir}/report-fashion-mnist-test/index.html")
+    print(f"  report:                {run_dir}/report-{TEST_SET}/index.html")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ingest, train, infer, evaluate and report."""
+    return run_job(demo, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 
 Examples:
     python -m jobs.infer --storage ./data --run-id fm
-    python -m jobs.infer --storage s3://bucket/secu --s3-endpoint http://127.0.0.1:9000 --run-id fm \
+    python -m jobs.infer --storage s3://bucket/secu --s3-endpoint http://127.0.0.1:9000 --run-id fm \\
         --dataset new-images --with-embeddings
-    python -m jobs.infer --storage ./data --run-id fm --checkpoint ./data/runs/fm/checkpoints/checkpoint_X \
+    python -m jobs.infer --storage ./data --run-id fm --checkpoint ./data/runs/fm/checkpoints/checkpoint_X \\
         --set batch_size=512 --set concurrency=4
 
 Output: <storage>/runs/<run-id>/assignments/part-*.parquet (assignments-<dataset>/ for a dataset other
 than the one the run trained on), published by writing _SUCCESS last. Re-running replaces the output;
 an interrupted run is completed by running the same command again.
+
+Options (--config FILE holds them as key: value lines, --set KEY=VALUE sets one): batch_size, concurrency,
+use_gpu, cpus_per_actor, with_embeddings, min_rows_per_file, max_bad_fraction.
 """
 
 from __future__ import annotations
@@ -17,18 +20,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from jobs.common import add_storage_args, setup_logging, storage_from_args
-from jobs.job_options import resolve_options
+from jobs.common import job_parser, open_storage, run_job
+from jobs.options import resolve_options
 
 logger = logging.getLogger("jobs.infer")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the inference job."""
-    parser = argparse.ArgumentParser(prog="secu infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser("secu infer", __doc__, config_help="YAML mapping of inference options (see above)",
+                        set_help="override an inference option, e.g. batch_size=512 or min_rows_per_file=50000")
     parser.add_argument("--run-id", required=True, help="the training run whose checkpoint is used")
     parser.add_argument("--dataset", default=None,
                         help="dataset to cluster (default: the one the run trained on)")
@@ -37,39 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-name", default=None,
                         help="output directory under the run (default assignments, or assignments-<dataset>)")
     parser.add_argument("--with-embeddings", action="store_true", default=None,
-                        help="also write the embedding z of every image")
+                        help="also write the embedding z of every image (with_embeddings=true)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per model call (default 256)")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="model actors (default: one per GPU, else half the CPUs)")
     parser.add_argument("--use-gpu", choices=("auto", "yes", "no"), default=None,
                         help="one GPU per actor (default auto: when the cluster has GPUs)")
-    parser.add_argument("--config", type=Path, default=None, help="YAML mapping of inference options")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an option, e.g. batch_size=512, min_rows_per_file=50000 (repeatable)")
-    parser.add_argument("--log-level", default="INFO")
-    add_storage_args(parser)
     return parser
+
+
+def infer(args: argparse.Namespace) -> int:
+    """The job: resolve the options, check the storage, infer and publish."""
+    from pipelines.outputs.inference import InferenceOptions, run_inference
+
+    options = resolve_options(InferenceOptions, args.config, args.overrides, {
+        "with_embeddings": args.with_embeddings, "batch_size": args.batch_size,
+        "concurrency": args.concurrency, "use_gpu": args.use_gpu})
+    storage = open_storage(args)
+    result = run_inference(storage, args.run_id, dataset=args.dataset, checkpoint=args.checkpoint,
+                           output_name=args.output_name, options=options)
+    logger.info("published %d assignments of dataset %s (checkpoint epoch %d) at %s; %.0f images/s",
+                result.rows, result.dataset, result.checkpoint_epoch, result.uri, result.images_per_s)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the inference; returns the exit code (2 for errors a user can fix)."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    from pipelines.outputs.inference import InferenceOptions, run_inference
-
-    try:
-        storage = storage_from_args(args)
-        options = resolve_options(InferenceOptions, args.config, args.overrides, {
-            "with_embeddings": args.with_embeddings, "batch_size": args.batch_size,
-            "concurrency": args.concurrency, "use_gpu": args.use_gpu})
-        result = run_inference(storage, args.run_id, dataset=args.dataset, checkpoint=args.checkpoint,
-                               output_name=args.output_name, options=options)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as err:
-        logger.error("%s", err)
-        return 2
-    logger.info("published %d assignments of dataset %s (checkpoint epoch %d) at %s; %.0f images/s",
-                result.rows, result.dataset, result.checkpoint_epoch, result.uri, result.images_per_s)
-    return 0
+    return run_job(infer, build_parser(), argv)
 
 
 if __name__ == "__main__":

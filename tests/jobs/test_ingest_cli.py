@@ -26,8 +26,7 @@ def test_parser_defaults_and_storage_args() -> None:
     args = ingest_job.build_parser().parse_args(
         ["--source", "idx:/d", "--dataset", "fm", "--storage", "s3://bkt/p",
          "--s3-endpoint", "http://127.0.0.1:9"])
-    assert (args.split, args.shard_size, args.max_pixels, args.limit, args.ray) == (
-        "train", 10_000, 50_000_000, None, "auto")
+    assert (args.split, args.shard_size, args.max_pixels, args.limit, args.ray) == ("train", None, None, None, "auto")
     assert storage_from_args(args) == Storage("s3://bkt/p", "http://127.0.0.1:9")
     with pytest.raises(SystemExit):
         ingest_job.build_parser().parse_args(["--source", "x", "--dataset", "fm"])  # --storage is required
@@ -45,6 +44,20 @@ def test_ingest_idx_then_rerun_then_append(tmp_path: Path) -> None:
     info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
     assert (info.num_samples, info.version) == (9, 2)
     assert info.ingests[-1]["split"] == "test" and info.ingests[-1]["added"] == 3
+
+
+def test_config_file_and_set_choose_the_options(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "fm", 6, 3)
+    cfg = tmp_path / "ingest.yaml"
+    cfg.write_text("shard_size: 2\nlimit: 5\nuse_ray: false\n")
+    argv = ["--source", f"idx:{tmp_path / 'fm'}", "--dataset", "fm", "--storage", str(tmp_path / "st"),
+            "--config", str(cfg)]
+    assert ingest_job.main([*argv, "--set", "limit=3"]) == 0  # --set wins over the file
+    info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
+    assert (info.num_samples, [s.count for s in info.shards]) == (3, [2, 1])
+    assert ingest_job.main([*argv, "--shard-size", "3"]) == 0  # a shortcut option wins over the file too
+    info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
+    assert (info.num_samples, [s.count for s in info.shards]) == (5, [2, 1, 2])
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
