@@ -42,8 +42,14 @@ from pipelines.dataset.info import load_dataset_info, read_manifest
 from pipelines.outputs.assignments import read_assignments
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage
-from pipelines.training.checkpoint_lookup import checkpoint_at, list_checkpoints, load_checkpoint
-from pipelines.training.checkpointing import build_network, load_coordinator_state, load_training_state
+from pipelines.training.checkpointing import (
+    build_network,
+    checkpoint_at,
+    list_checkpoints,
+    load_checkpoint,
+    load_coordinator_state,
+    load_training_state,
+)
 from pipelines.training.warm_start import previous_labels
 from secu.metrics import hungarian_acc
 from tests.pipelines.run_builders import CLASS_NAMES, pattern_images
