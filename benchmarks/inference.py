@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         write_fresh_checkpoint(storage, args.recipe)
         plain_dir = os.path.join(tmp, "plain")
         os.makedirs(plain_dir)
-        from secu.config import apply_overrides
+        from secu.overrides import apply_overrides
 
         options = apply_overrides(InferenceOptions(batch_size=args.batch_size), args.overrides)
         threads = torch.get_num_threads()

@@ -88,7 +88,7 @@ def experiment(row: str, seed: int, num_samples: int, quick: bool, overrides: tu
     """The default recipe for this row (with ``overrides``, none by default), adapted to its size as the
     training job adapts it."""
     from secu.adapt import adapt_to_collection
-    from secu.config import apply_overrides
+    from secu.overrides import apply_overrides
     from secu.recipes import recipe
 
     exp = recipe("fashion-mnist-cpu")

@@ -54,10 +54,11 @@ from pipelines.dataset.synthetic import pattern_images
 from secu.adapt import adapt_to_collection
 from secu.augment import normalize
 from secu.batch_augment import BatchTwoViewAugment
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
 from secu.diagnose import CYCLE_CHANGED_FRAC, cycling_heads
 from secu.local_train import predict, train_in_memory
 from secu.metrics import hungarian_acc
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 from secu.step import costs
 

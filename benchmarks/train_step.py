@@ -56,11 +56,12 @@ from benchmarks.common import (
     write_result,
 )
 from secu.augment import normalize
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
 from secu.method import EpochContext
 from secu.model import Encoder
 from secu.network import SeCuNetwork
 from secu.optim import build_optimizer
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 from secu.secu_method import SeCuMethod
 from secu.state import ClusterState, LocalMemory

@@ -30,7 +30,8 @@ import yaml
 
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
 from secu.adapt import ADAPTED_KEYS
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 
 _T = TypeVar("_T")

@@ -33,7 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
+from secu.overrides import apply_overrides
 
 ADAPTED_KEYS = ("optim.batch_size", "optim.epochs", "optim.warmup_epochs", "secu.alpha")
 

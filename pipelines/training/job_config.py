@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from secu.adapt import ADAPTED_KEYS
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -167,22 +167,3 @@ def default_run_id(experiment: ExperimentConfig, dataset: str) -> str:
     """A stable id derived from the config, so that resubmitting the same job resumes it."""
     digest = hashlib.sha1(json.dumps(experiment.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
     return f"{experiment.name}-{dataset}-{digest}"
-
-
-def mark_user_set(job: TrainJobConfig, data: dict[str, Any], overrides: list[str]) -> TrainJobConfig:
-    """Record in ``experiment.adapt.fixed`` the schedule keys (``secu.adapt.ADAPTED_KEYS``) that the user
-    set in the config file's ``experiment`` section or with ``--set``, so that adaptation keeps them."""
-    section = data.get("experiment") or {}
-    keys = set(job.experiment.adapt.fixed)
-    for key in ADAPTED_KEYS:
-        group, name = key.split(".")
-        if isinstance(section.get(group), dict) and name in section[group]:
-            keys.add(key)
-    for text in overrides:
-        key = text.split("=", 1)[0].strip().removeprefix("experiment.")
-        if key in ADAPTED_KEYS:
-            keys.add(key)
-    if keys == set(job.experiment.adapt.fixed):
-        return job
-    experiment = apply_overrides(job.experiment, [f"adapt.fixed={','.join(sorted(keys))}"])
-    return dataclasses.replace(job, experiment=experiment)

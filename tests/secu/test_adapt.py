@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from secu.adapt import adapt_to_collection
-from secu.config import ExperimentConfig, OptimConfig, apply_overrides
+from secu.config import ExperimentConfig, OptimConfig
 from secu.diagnose import collapse_message, collapse_messages, largest_share_limit
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 from secu.schedules import encoder_lr, lr_schedule
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from secu.config import ExperimentConfig, apply_overrides
+from secu.config import ExperimentConfig
+from secu.overrides import apply_overrides
 from secu.recipes import RECIPE_NAMES, recipe
 
 

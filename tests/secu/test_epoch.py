@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from secu.config import apply_overrides
 from secu.epoch import run_epoch
 from secu.local_train import predict
 from secu.method import Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
 from secu.network import build_network
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 from secu.secu_method import SeCuMethod
 from secu.state import LocalMemory

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from secu.adapt import adapt_to_collection
-from secu.config import apply_overrides
 from secu.local_train import predict, self_label_in_memory, train_in_memory
 from secu.metrics import hungarian_acc
+from secu.overrides import apply_overrides
 from secu.recipes import recipe
 from secu.self_label import class_balanced_weights, select_confident, select_per_cluster, self_label_loss
 
