@@ -84,8 +84,22 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def _deep_merge(into: dict[str, Any], data: Mapping[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
 def apply_overrides(cfg: _T, overrides: Iterable[str]) -> _T:
-    """Apply ``key.sub=value`` overrides to any config dataclass; returns a new validated config."""
+    """Apply ``key.sub=value`` overrides to any config dataclass; returns a new validated config.
+
+    All overrides are merged first and validated once, so keys that must change together (e.g.
+    ``model.in_channels`` and ``augment.channels``) can be given one after the other; a key given
+    twice takes its last value.
+    """
+    combined: dict[str, Any] = {}
     for text in overrides:
-        cfg = merge(cfg, parse_override(text))
-    return cfg
+        _deep_merge(combined, parse_override(text))
+    return merge(cfg, combined) if combined else cfg

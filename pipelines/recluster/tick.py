@@ -203,6 +203,8 @@ def run_recluster(storage: Storage, template: TrainJobConfig, base: str, *, tick
     run_id = f"{base}-{tick}"
     job = tick_job(template, run_id, options.epochs)  # validates the run id
     storage.check_reachable()
+    if not source:  # nothing to ingest first: the dataset must exist before the lock, the series or Ray
+        load_dataset_info(storage, job.dataset)
     lock = StorageLock(storage, join("runs", base, LOCK_FILE), ttl_s=options.lock_ttl_hours * 3600,
                        purpose=f"reclustering tick {run_id}")
     with lock:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from secu.config import ExperimentConfig
-from secu.overrides import apply_overrides
+from secu.overrides import apply_overrides, merge
 from secu.recipes import recipe
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -117,14 +117,13 @@ class TrainJobConfig:
                              "dataset, run_id, recipe")
         base = recipe(data["recipe"]) if data.get("recipe") else ExperimentConfig()
         experiment = _merge_experiment(base, data.get("experiment", {}))
-        compute_fields = {f.name for f in dataclasses.fields(ComputeConfig)}
-        compute_in = data.get("compute", {})
-        bad = set(compute_in) - compute_fields
-        if bad:
-            raise ValueError(f"unknown compute keys {sorted(bad)}; valid: {sorted(compute_fields)}")
+        compute_in = data.get("compute") or {}
+        if not isinstance(compute_in, dict):
+            raise ValueError(f"train config key 'compute' needs a mapping, got {compute_in!r}")
         return cls(
             experiment=experiment,
-            compute=ComputeConfig(**compute_in),
+            # merge converts each value to its field's type (a YAML "4" for num_workers) and names unknown keys
+            compute=merge(ComputeConfig(), compute_in, prefix="compute."),
             dataset=str(data.get("dataset", "fashion-mnist")),
             run_id=str(data.get("run_id", "")),
         )

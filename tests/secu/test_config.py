@@ -62,3 +62,14 @@ def test_bad_values_fail_with_the_field_named() -> None:
         ExperimentConfig.from_dict({"model": {"in_channels": 1}})
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("cifar11")
+
+
+def test_overrides_that_must_change_together_are_validated_once() -> None:
+    from secu.recipes import recipe
+
+    cfg = apply_overrides(recipe("fashion-mnist-cpu"), ["model.in_channels=3", "augment.channels=3",
+                                                        "augment.mean=[0.5,0.5,0.5]", "augment.std=[0.2,0.2,0.2]"])
+    assert (cfg.model.in_channels, cfg.augment.channels) == (3, 3)
+    assert apply_overrides(cfg, ["optim.lr=0.1", "optim.lr=0.3"]).optim.lr == 0.3  # the last value wins
+    with pytest.raises(ValueError, match="differs from augment.channels"):
+        apply_overrides(recipe("fashion-mnist-cpu"), ["model.in_channels=3"])
