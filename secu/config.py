@@ -73,7 +73,7 @@ class SeCuConfig:
     tw: float = 0.05
     """Temperature of the center loss (``--secu-tw``)."""
     tau: float = 0.2
-    """Weight of the one-hot stored label in the soft target (``--secu-alpha`` in the scripts)."""
+    """Weight of the one-hot stored label in the soft target (``--secu-tau`` in the scripts)."""
     dual_lr: float = 0.1
     """Step size of the dual variables rho under the size constraint (``--secu-dual-lr``)."""
     lratio: float = 0.9

@@ -72,16 +72,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
-def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """``t`` as held by rank ``src`` (a new tensor on every rank)."""
-    if not is_distributed():
-        return t.detach().clone()
-    device = _collective_device(t)
-    out = t.detach().to(device).clone()
-    dist.broadcast(out, src=src)
-    return out.to(t.device)
-
-
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_distributed():
