@@ -230,7 +230,7 @@ def test_predictor_step_matches_spec_3_6() -> None:
     want_x, want_c = 0.0, 0.0
     for h in range(2):
         z1, z2, p1, p2 = out.z1_BD.float(), out.z2_BD.float(), out.p1_BD.float(), out.p2_BD.float()
-        want_x += float(representation_loss(z1, z2, snapshot[h], prev[h], exp.secu.tx, exp.secu.tau))
+        want_x += float(representation_loss(z1, z2, snapshot[h], prev[h], exp.secu.tx, exp.secu.tau).detach())
         want_x += float(representation_loss(p1, p2, snapshot[h], prev[h], exp.secu.tx, exp.secu.tau,
                                             targets_from=(z1, z2)))
         want_c += float(center_loss(out.sims1_BK[h], out.sims2_BK[h], res.labels_HB[h], exp.secu.tw))
