@@ -44,7 +44,11 @@ def resolve_job(args: argparse.Namespace) -> TrainJobConfig:
     """Recipe, then the config file, the shortcut options and --set overrides; validated, built once."""
     shortcuts = {"recipe": args.recipe, "dataset": args.dataset, "run_id": args.run_id,
                  "compute.num_workers": args.num_workers, "compute.use_gpu": True if args.use_gpu else None}
-    return build_train_job(collect(TRAIN_KEYS, args.config, args.overrides, shortcuts))
+    values = collect(TRAIN_KEYS, args.config, args.overrides, shortcuts)
+    if not values.get("dataset"):
+        raise ValueError("no dataset given: pass --dataset NAME (a dataset ingested under <storage>/datasets by "
+                         "`secu ingest`), or set `dataset: NAME` in the --config file")
+    return build_train_job(values)
 
 
 def train(args: argparse.Namespace) -> int:

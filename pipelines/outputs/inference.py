@@ -61,6 +61,7 @@ from pipelines.training.checkpointing import (
 )
 from secu.augment import normalize
 from secu.config import ExperimentConfig
+from secu.network import confident_clusters
 from secu.precision import autocast_dtype
 
 __all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
@@ -169,10 +170,8 @@ class Assigner:
             "shard": pa.array([str(s) for s in batch["shard"]], pa.string()),
         }
         for h, s_BK in enumerate(sims_BK):
-            s_BK = s_BK.float()
-            # softmax at the center temperature tw; its argmax is the argmax of the similarity.
-            prob_B, cluster_B = torch.softmax(s_BK / self.tw, dim=1).max(dim=1)
-            sim_B = s_BK.gather(1, cluster_B[:, None])[:, 0]
+            # The method's inference rule: argmax of the similarity, softmax at tw as the confidence.
+            cluster_B, prob_B, sim_B = confident_clusters(s_BK, self.tw)
             arrays[cluster_column(h)] = pa.array(cluster_B.to(torch.int32).cpu().numpy())
             arrays[similarity_column(h)] = pa.array(sim_B.cpu().numpy().astype(np.float32))
             arrays[confidence_column(h)] = pa.array(prob_B.cpu().numpy().astype(np.float32))

@@ -512,7 +512,8 @@ def test_rayjob_entrypoints_are_the_documented_commands() -> None:
     entrypoints = {d["metadata"]["name"]: d["spec"]["entrypoint"] for _, d in CRD_DOCS if d["kind"] == "RayJob"}
     bucket = "s3://YOUR-BUCKET"
     assert entrypoints == {
-        "secu-train-fmnist-demo": f"python -m jobs.train --recipe fashion-mnist-cpu --storage {bucket}/secu "
+        "secu-train-fmnist-demo": f"python -m jobs.train --recipe fashion-mnist-cpu --dataset fashion-mnist "
+        f"--storage {bucket}/secu "
         "--run-id fmnist-demo",
         "secu-infer-fmnist-demo": f"python -m jobs.infer --storage {bucket}/secu --run-id fmnist-demo",
         TEMPLATE_NAME: f"python -m jobs.recluster --storage {bucket}/secu --run-id lake-recluster "

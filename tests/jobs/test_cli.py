@@ -1,5 +1,6 @@
 """The console script and the training job's config resolution (no Ray started)."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def test_console_script_is_installed() -> None:
 
 def test_train_config_resolution(tmp_path: Path) -> None:
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("recipe: fashion-mnist-cpu\ncompute:\n  num_workers: 2\nexperiment:\n  optim:\n    epochs: 3\n")
+    cfg.write_text("recipe: fashion-mnist-cpu\ndataset: fashion-mnist\ncompute:\n  num_workers: 2\n"
+                   "experiment:\n  optim:\n    epochs: 3\n")
     args = train_job.build_parser().parse_args(
         ["--config", str(cfg), "--set", "optim.lr=0.05", "--set", "compute.checkpoint_every=2", "--storage", "x"])
     job = train_job.resolve_job(args)
@@ -42,12 +44,12 @@ def test_train_config_resolution(tmp_path: Path) -> None:
 
 def test_keys_the_user_sets_are_kept_by_the_adaptation(tmp_path: Path) -> None:
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("recipe: fashion-mnist-cpu\nexperiment:\n  optim:\n    epochs: 3\n")
+    cfg.write_text("recipe: fashion-mnist-cpu\ndataset: fm\nexperiment:\n  optim:\n    epochs: 3\n")
     args = train_job.build_parser().parse_args(
         ["--config", str(cfg), "--set", "experiment.optim.batch_size=32", "--set", "optim.lr=0.05", "--storage", "x"])
     job = train_job.resolve_job(args)
     assert job.experiment.adapt.fixed == ("optim.batch_size", "optim.epochs")  # lr is not adapted
-    plain = train_job.resolve_job(train_job.build_parser().parse_args(["--storage", "x"]))
+    plain = train_job.resolve_job(train_job.build_parser().parse_args(["--dataset", "fm", "--storage", "x"]))
     assert plain.experiment.adapt.fixed == () and plain.experiment.adapt.enabled
 
 
@@ -55,6 +57,15 @@ def test_bad_config_fails_before_any_work(tmp_path: Path) -> None:
     code = train_job.main(["--recipe", "fashion-mnist-cpu", "--set", "optim.batch_size=255",
                            "--storage", str(tmp_path)])
     assert code == 2  # 255 is not divisible by 2 workers
-    code = train_job.main(["--set", "secu.constraint=balanced", "--storage", str(tmp_path)])
+    code = train_job.main(["--set", "secu.constraint=balanced", "--dataset", "fm", "--storage", str(tmp_path)])
     assert code == 2
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_train_needs_a_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No silent fallback to a dataset the user did not name."""
+    caplog.set_level(logging.ERROR)
+    assert train_job.main(["--recipe", "fashion-mnist-cpu", "--storage", str(tmp_path)]) == 2
+    assert "no dataset given" in caplog.text and "--dataset NAME" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not any(tmp_path.iterdir())
