@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +66,12 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
             f"dataset {job.dataset!r} has {info.num_samples} images, fewer than the global batch "
             f"optim.batch_size={job.experiment.optim.batch_size}; lower the batch size or ingest more images"
         )
+    check_clusters_fit(job, info.num_samples)
     warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init()
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if not job.compute.use_gpu and job.compute.num_workers * job.compute.cpus_per_worker > cluster_cpus:
-        logger.warning(
-            "the run asks for %d workers x %.1f CPUs but the cluster has %.0f CPUs now; it will wait for "
-            "the autoscaler to add nodes", job.compute.num_workers, job.compute.cpus_per_worker, cluster_cpus)
+    job = _fit_cpus(job, float(ray.cluster_resources().get("CPU", 0)), local)
 
     labels = load_manifest_labels(storage, job.dataset, info.num_samples)
     true_labels = labels if bool((labels >= 0).any()) else None
@@ -117,6 +116,51 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
     return TrainOutcome(run_id=job.run_id, checkpoint_path=checkpoint_path, metrics=metrics,
                         epochs_run=int(metrics.get("epoch", -1)) + 1,
                         warnings=final_warnings(job, metrics, info.num_samples))
+
+
+def check_clusters_fit(job: TrainJobConfig, num_samples: int) -> None:
+    """Every head needs fewer clusters than the collection has images (ValueError before any work)."""
+    ks = list(job.experiment.secu.ks)
+    if max(ks) > num_samples:
+        raise ValueError(
+            f"dataset {job.dataset!r} has {num_samples} images but secu.ks={ks} asks for up to {max(ks)} clusters: "
+            f"every head needs K <= {num_samples} (and many images per cluster to be useful); lower secu.ks, "
+            "e.g. --set secu.ks=[10], or ingest more images")
+
+
+DATA_CPUS = 1.0
+"""CPUs a CPU training run leaves to Ray Data (reading, decoding, augmenting) on a cluster of fixed size."""
+
+
+def cpus_per_worker_that_fit(workers: int, cpus_per_worker: float, cluster_cpus: float) -> float | None:
+    """A smaller ``compute.cpus_per_worker`` when ``workers`` of them leave less than ``DATA_CPUS`` of
+    ``cluster_cpus`` to the data stage (which would then wait forever), else None (it fits as asked)."""
+    if cluster_cpus - workers * cpus_per_worker >= DATA_CPUS:
+        return None
+    return max(0.1, int(20 * (cluster_cpus - DATA_CPUS) / workers) / 20)
+
+
+def _fit_cpus(job: TrainJobConfig, cluster_cpus: float, local: bool) -> TrainJobConfig:
+    """On the local Ray this driver started (fixed size), shrink the workers' CPU reservation so that the
+    data stage keeps ``DATA_CPUS``; on a cluster that may autoscale, say what the run waits for."""
+    if job.compute.use_gpu:
+        return job
+    workers, per_worker = job.compute.num_workers, job.compute.cpus_per_worker
+    fitted = cpus_per_worker_that_fit(workers, per_worker, cluster_cpus)
+    if fitted is None:
+        return job
+    if local:
+        logger.warning(
+            "%d workers x %.2f CPUs would take %.0f of this machine's %.0f CPUs and leave none to read and augment "
+            "the data (Ray Data would wait forever): using compute.cpus_per_worker=%.2f (set it, or fewer "
+            "compute.num_workers, to choose)", workers, per_worker, workers * per_worker, cluster_cpus, fitted)
+        return dataclasses.replace(job, compute=dataclasses.replace(job.compute, cpus_per_worker=fitted))
+    logger.warning(
+        "the run asks for %d workers x %.2f CPUs and the cluster has %.0f CPUs now, leaving less than %.0f for the "
+        "data stage: it waits for the autoscaler to add nodes (on a fixed-size cluster set "
+        "compute.cpus_per_worker=%.2f or fewer compute.num_workers)", workers, per_worker, cluster_cpus, DATA_CPUS,
+        fitted)
+    return job
 
 
 def adapt_job(job: TrainJobConfig, num_samples: int) -> TrainJobConfig:
