@@ -11,8 +11,9 @@ Atomic creation:
   moto refuse it with 412 when the object exists. The content is read back afterwards, so an endpoint
   that ignores the condition is caught in all but a few-millisecond window.
 
-A lock whose ``expires`` time has passed belongs to a holder that died without releasing it: the next
-acquirer deletes it (logged) and creates its own. Taking over an expired lock is not atomic (two
+A lock whose ``expires`` time has passed, or whose holder was a process on this host that no longer
+runs (``holder_is_gone``), belongs to a holder that died without releasing it: the next acquirer
+deletes it (logged) and creates its own. Taking over an expired lock is not atomic (two
 acquirers that both find the same expired lock can both delete it); the expiry is chosen far longer
 than a run, so that only happens after a crash. ``release`` deletes the lock only when it still holds
 this owner's id.
@@ -77,6 +78,23 @@ class LockInfo:
 def new_owner_id() -> str:
     """``host:pid:random``, unique per acquisition."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_gone(info: LockInfo) -> bool:
+    """True when the lock's owner was a process on this host that no longer runs (killed, or stopped by
+    ``ray job stop``): its lock can be taken over at once instead of after its expiry. Holders on other
+    hosts cannot be checked from here and count as alive until the lock expires."""
+    host, _, rest = info.owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
 
 
 class StorageLock:
@@ -144,13 +162,14 @@ class StorageLock:
             if holder is None and self.storage.exists(self.rel):
                 raise LockHeldError(f"lock {self.uri} exists but is not a readable lock: delete it if no run "
                                     "is active, then retry")
-            if holder is not None and holder.expires > time.time():
+            if holder is not None and holder.expires > time.time() and not holder_is_gone(holder):
                 raise LockHeldError(
                     f"another run holds lock {self.uri} ({holder.describe()}): wait for it to finish; if that "
                     "holder is gone, delete the lock object and retry"
                 )
             if holder is not None:
-                logger.warning("lock %s expired (%s): taking it over", self.uri, holder.describe())
+                why = "expired" if holder.expires <= time.time() else "its holder's process is gone"
+                logger.warning("lock %s %s (%s): taking it over", self.uri, why, holder.describe())
                 self.storage.delete(self.rel)
         holder = self.read()
         raise LockHeldError(f"could not acquire lock {self.uri} (held by {holder.describe() if holder else '?'}); "

@@ -32,6 +32,7 @@ from pipelines.dataset.info import load_dataset_info
 from pipelines.dataset.streams import build_train_dataset
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import (
+    CHECKPOINTS_DIR,
     TrainingState,
     build_network,
     find_latest_checkpoint,
@@ -42,7 +43,7 @@ from pipelines.training.checkpointing import (
 from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig, apply_job_overrides
 from pipelines.training.metrics_log import MetricsLog
-from pipelines.training.trainer import CHECKPOINTS_DIR, TrainOutcome
+from pipelines.training.trainer import TrainOutcome
 from secu import distributed
 from secu.augment import normalize
 from secu.local_train import weak_augment_config

@@ -21,8 +21,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter
 from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest_labels
 from pipelines.dataset.streams import build_train_dataset
-from pipelines.storage import Storage
-from pipelines.training.checkpointing import checkpoint_at, list_checkpoints
+from pipelines.run_lock import StorageLock
+from pipelines.storage import Storage, join
+from pipelines.training.checkpointing import CHECKPOINTS_DIR, checkpoint_at, list_checkpoints
 from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.memory import shard_ranges
@@ -33,7 +34,11 @@ from secu.diagnose import collapsed_heads
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOCK = "_train.lock"
+"""Held under ``runs/<run_id>/`` for as long as a driver trains the run."""
+TRAIN_LOCK_TTL_S = 7 * 24 * 3600.0
+"""After this a lock left by a driver on another host counts as abandoned (one on this host is taken over as
+soon as its process is gone, ``pipelines.run_lock.holder_is_gone``)."""
 
 
 @dataclass
@@ -67,6 +72,14 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
             f"optim.batch_size={job.experiment.optim.batch_size}; lower the batch size or ingest more images"
         )
     check_clusters_fit(job, info.num_samples)
+    lock = StorageLock(storage, join("runs", job.run_id, TRAIN_LOCK), ttl_s=TRAIN_LOCK_TTL_S,
+                       purpose=f"training run {job.run_id}")
+    with lock:  # a second training of the same run id is refused (LockHeldError) instead of sharing its checkpoints
+        return _fit(job, storage, info, init_from)
+
+
+def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: str | None) -> TrainOutcome:
+    """Everything after the checks: warm start, Ray, dataset, coordinator, ``TorchTrainer.fit``."""
     warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():

@@ -70,3 +70,34 @@ def test_expired_lock_is_taken_over_and_release_spares_other_owners(
     with StorageLock(storage, rel, ttl_s=30, purpose="tick w"):
         assert storage.exists(rel)
     assert not storage.exists(rel)
+
+
+def _lock_of(storage: Storage, owner: str) -> None:
+    now = time.time()
+    storage.write_bytes_atomic("runs/base/_recluster.lock", LockInfo(owner, "a tick", now, now + 3600).to_bytes())
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over_at_once(tmp_path: Path) -> None:
+    """A holder killed on this host (``ray job stop``, SIGKILL) does not block the next run until expiry."""
+    import socket
+    import subprocess
+    import sys
+
+    storage = Storage(str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    _lock_of(storage, f"{socket.gethostname()}:{int(done.stdout)}:deadbeef")
+    with StorageLock(storage, "runs/base/_recluster.lock", ttl_s=60, purpose="next tick") as lock:
+        assert lock.info is not None and lock.info.purpose == "next tick"
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_of(storage, f"{socket.gethostname()}:{alive.pid}:cafe0001")
+        with pytest.raises(LockHeldError, match="another run holds lock"):
+            StorageLock(storage, "runs/base/_recluster.lock", ttl_s=60, purpose="x").acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+    _lock_of(storage, "some-other-host:1:cafe0002")  # another host's process cannot be checked: alive until expiry
+    with pytest.raises(LockHeldError):
+        StorageLock(storage, "runs/base/_recluster.lock", ttl_s=60, purpose="x").acquire()

@@ -38,3 +38,31 @@ def test_cpus_per_worker_leave_one_cpu_to_the_data(workers: int, per_worker: flo
     assert got == expected
     if got is not None and cpus > 1:
         assert cpus - workers * got >= 1.0
+
+
+def test_a_second_training_of_a_running_run_id_is_refused(tmp_path: Path) -> None:
+    """Two drivers on one run id would write two checkpoints per epoch into one run: the second is refused."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.run_lock import LockHeldError, LockInfo
+    from pipelines.training.trainer import TRAIN_LOCK
+
+    storage = Storage(str(tmp_path))
+    make_dataset(storage, "tiny", 40, shard_size=20)
+    job = apply_job_overrides(TrainJobConfig(experiment=recipe("fashion-mnist-cpu"), compute=ComputeConfig(),
+                                             dataset="tiny", run_id="busy"),
+                              ["optim.batch_size=32", "secu.ks=[3]", "adapt.enabled=false"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first driver, alive
+    try:
+        now = time.time()
+        storage.write_bytes_atomic(f"runs/busy/{TRAIN_LOCK}", LockInfo(
+            f"{socket.gethostname()}:{other.pid}:0001", "training run busy", now, now + 3600).to_bytes())
+        with pytest.raises(LockHeldError, match="training run busy"):
+            run_training(job, storage)
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(p.name for p in (tmp_path / "runs" / "busy").iterdir()) == [TRAIN_LOCK]  # nothing else written
