@@ -27,7 +27,7 @@ class EpochResult:
     images: int
     """Images trained on."""
     delivered: int
-    """Rows the batch iterable delivered."""
+    """Rows the batch iterable delivered, the skipped last partial batch included."""
 
 
 def run_epoch(
@@ -47,19 +47,19 @@ def run_epoch(
         batches: this rank's batches; each has ``sample_index`` (int64 [B]) and the method's inputs.
         store: the labels of the previous epoch (read per batch) and of this one (written per batch).
         epoch: the epoch's index (the store checks it on writes).
-        batch_size: this rank's batch size. A shorter batch (the epoch's last) is trained together with the
-            batch before it, so every image gets a label every epoch and no step has fewer rows (BatchNorm).
-            Every rank gets the same number of rows, so all ranks make the same number of steps.
+        batch_size: this rank's batch size. A shorter batch (the last one) is counted but not trained on:
+            BatchNorm needs full batches, and every rank gets the same rows, so all ranks skip it together.
         context: what ``before_epoch`` may use besides the batches.
         on_step: called after every step with the number of steps done in this epoch.
     """
     method.before_epoch(epoch, context or EpochContext())
     steps, images, delivered = 0, 0, 0
-    pending: Batch | None = None
-
-    def train(batch: Batch) -> None:
-        nonlocal steps, images
-        ids_B = batch["sample_index"].long().cpu().numpy()
+    for batch in batches:
+        ids = batch["sample_index"]
+        delivered += int(ids.shape[0])
+        if ids.shape[0] < batch_size:
+            continue
+        ids_B = ids.long().cpu().numpy()
         stored_HB = torch.from_numpy(np.asarray(store.labels_for(ids_B)).astype(np.int64))
         out = method.train_step(batch, stored_HB)
         if out.labels_HB is not None:
@@ -69,22 +69,8 @@ def run_epoch(
                 ids_B, labels_HB = ids_B[mask_B], labels_HB[:, torch.from_numpy(mask_B)]
             store.write_async(ids_B, labels_HB.numpy(), epoch)
         steps += 1
-        images += len(batch["sample_index"])
+        images += int(ids.shape[0])
         if on_step is not None:
             on_step(steps)
-
-    # One batch of lookahead: a short batch (the epoch's last) joins the batch before it, so every image is
-    # trained on and labelled every epoch while every step keeps at least ``batch_size`` rows.
-    for batch in batches:
-        n = int(batch["sample_index"].shape[0])
-        delivered += n
-        if pending is not None and n < batch_size:
-            pending = {key: torch.cat([pending[key], batch[key]]) for key in pending}
-            continue
-        if pending is not None:
-            train(pending)
-        pending = batch
-    if pending is not None and (steps > 0 or len(pending["sample_index"]) >= min(batch_size, 2)):
-        train(pending)  # alone, a batch shorter than batch_size is trained only when BatchNorm can (2 rows)
     store.flush()
     return EpochResult(method.after_epoch(), steps, images, delivered)

@@ -5,8 +5,8 @@ The same parts as the Ray training loop (``pipelines.training.train_loop``): the
 epoch-start center snapshot, the stored label of the previous epoch. It is what the benchmarks
 (``benchmarks.robustness``, ``benchmarks.small_data_stability``) and the training-run tests use to
 train hundreds of small runs without a cluster's start-up cost, and a reference a user can run on a
-laptop sample. Each epoch visits the images in a fresh random order; a last partial batch is trained
-together with the batch before it (``secu.epoch.run_epoch``, as in the Ray loop).
+laptop sample. Each epoch visits the images in a fresh random order; the last partial batch is not
+trained on (as in the Ray loop).
 
 Legend: N = images, H = heads, K = clusters of one head, B = batch.
 """
@@ -42,13 +42,11 @@ class LocalRun:
 
 def _batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
              seed: int) -> Iterator[Batch]:
-    """The epoch's batches in ``order`` (the last one shorter when N is not a multiple of ``batch``: ``run_epoch``
-    trains it with the one before); the views of batch t are augmented with seed ``seed * 1_000_003 + t``."""
+    """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``."""
     iters = len(images) // batch
-    for it in range(-(-len(images) // batch)):
+    for it in range(iters):
         ids = order[it * batch:(it + 1) * batch]
-        t = epoch * iters + it if it < iters else 10**9 + epoch  # the short last batch: a seed of its own
-        v1, v2 = aug([images[i] for i in ids.tolist()], seed=seed * 1_000_003 + t)
+        v1, v2 = aug([images[i] for i in ids.tolist()], seed=seed * 1_000_003 + epoch * iters + it)
         yield {"sample_index": ids, "view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
 
 

@@ -97,17 +97,3 @@ def test_missing_dataset_fails_before_training(storage: Storage, tmp_path: Path)
     job = apply_job_overrides(make_job("nodata"), ["dataset=not-ingested"])
     with pytest.raises(FileNotFoundError, match="no dataset 'not-ingested'"):
         run_training(job, storage)
-
-
-def test_every_image_is_labelled_every_epoch_when_n_is_not_a_multiple_of_the_batch(storage: Storage) -> None:
-    """200 images on 2 workers with local batches of 16: 6 full batches and 4 rows per rank each epoch. The short
-    batch trains with the one before it, so the memory is complete and the counters equal its recount."""
-    make_dataset(storage, "patterns-200", 200, shard_size=50)
-    outcome = run_training(make_job("odd", "optim.epochs=2", "dataset=patterns-200"), storage)
-    rows = history(storage, "odd")
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
-    for row in rows:
-        assert row["clusters/written_frac"] == 1.0 and row["data/images"] == 200.0, row
-        for h in range(2):
-            assert row[f"clusters/h{h}/labelled_frac"] == 1.0 and row[f"clusters/h{h}/counter_gap_frac"] == 0.0, row
-    assert outcome.epochs_run == 2
