@@ -167,8 +167,6 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     # Rows that never arrived (a damaged shard) count against the bad-input budget. The split gives
     # every rank the same number of rows and may drop up to world - 1 of them.
     verify_epoch(inputs.bad_input_counter, rows_seen=delivered_all + world - 1)
-    state = method.state_dict()
-    cluster_state = state["cluster_state"]
     closing = result.summary.cluster_state
     metrics.update(inputs.coordinator.end_epoch(
         None if closing is None else [c.numpy() for c in closing.counters],
@@ -179,8 +177,9 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     history.append(metrics)
     if not save_now:
         return None
+    state = method.state_dict()  # only when saving: it copies the network to the CPU
     save_checkpoint(tmp, TrainingState(
-        network=state["network"], optimizer=state["optimizer"], cluster_state=cluster_state, epoch=epoch,
+        network=state["network"], optimizer=state["optimizer"], cluster_state=state["cluster_state"], epoch=epoch,
         global_step=state["global_step"], job=job.to_dict() | {"history": history.to_list()}),
         inputs.coordinator.state_dict())
     history.write(inputs.storage, job.run_id)
