@@ -14,12 +14,18 @@ from secu.recipes import recipe
 from tests.pipelines.run_builders import make_dataset
 
 
-def test_more_clusters_than_images_is_refused_before_any_work(tmp_path: Path) -> None:
-    storage = Storage(str(tmp_path))
+def tiny_run(root: Path, run_id: str, ks: str) -> tuple[Storage, TrainJobConfig]:
+    """40 ingested pattern images and a job on them with batch 32 and heads ``ks``."""
+    storage = Storage(str(root))
     make_dataset(storage, "tiny", 40, shard_size=20)
     job = apply_job_overrides(TrainJobConfig(experiment=recipe("fashion-mnist-cpu"), compute=ComputeConfig(),
-                                             dataset="tiny", run_id="k"),
-                              ["optim.batch_size=32", "secu.ks=[10,50]", "adapt.enabled=false"])
+                                             dataset="tiny", run_id=run_id),
+                              ["optim.batch_size=32", f"secu.ks={ks}", "adapt.enabled=false"])
+    return storage, job
+
+
+def test_more_clusters_than_images_is_refused_before_any_work(tmp_path: Path) -> None:
+    storage, job = tiny_run(tmp_path, "k", "[10,50]")
     with pytest.raises(ValueError, match=r"has 40 images but secu.ks=\[10, 50\] asks for up to 50 clusters"):
         run_training(job, storage)
     assert not (tmp_path / "runs").exists()
@@ -50,11 +56,7 @@ def test_a_second_training_of_a_running_run_id_is_refused(tmp_path: Path) -> Non
     from pipelines.run_lock import LockHeldError, LockInfo
     from pipelines.training.trainer import TRAIN_LOCK
 
-    storage = Storage(str(tmp_path))
-    make_dataset(storage, "tiny", 40, shard_size=20)
-    job = apply_job_overrides(TrainJobConfig(experiment=recipe("fashion-mnist-cpu"), compute=ComputeConfig(),
-                                             dataset="tiny", run_id="busy"),
-                              ["optim.batch_size=32", "secu.ks=[3]", "adapt.enabled=false"])
+    storage, job = tiny_run(tmp_path, "busy", "[3]")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first driver, alive
     try:
         now = time.time()
