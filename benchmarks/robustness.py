@@ -136,7 +136,7 @@ def one_run(row: str, seed: int, quick: bool, overrides: tuple[str, ...] = (), s
     t0 = time.perf_counter()
     run = train_in_memory(images, exp)
     train_s = time.perf_counter() - t0
-    pred_HN, _ = predict(run.net, images, exp)
+    pred_HN, _ = predict(run.method, images, exp)
     t1 = time.perf_counter()
     km = kmeans_labels(images, k, seed)
     kmeans_s = time.perf_counter() - t1
@@ -146,7 +146,7 @@ def one_run(row: str, seed: int, quick: bool, overrides: tuple[str, ...] = (), s
     if self_label:
         t2 = time.perf_counter()
         sl_history = self_label_in_memory(run.net, images, exp)
-        extra = {"secu_self_label": head_figures(labels, predict(run.net, images, exp)[0][0], k),
+        extra = {"secu_self_label": head_figures(labels, predict(run.method, images, exp)[0][0], k),
                  "self_label_s": time.perf_counter() - t2, "self_label_history": sl_history}
     memory = head_figures(labels, run.memory.labels_HN[0].numpy().astype(np.int64), k)
     return {"row": row, "seed": seed, "n": len(images), "balanced": balanced, "k": k,

@@ -131,7 +131,7 @@ def train(variant: str, seed: int, epochs: int, n: int = 192, batch: int = 32) -
         ranked = np.sort(-costs(out)[0].numpy(), axis=1)
         centers_DK = net.centers.normalized(0)
         cos_KK = (centers_DK.T @ centers_DK).numpy()
-    published = predict(net, images, exp)[0][0]
+    published = predict(run.method, images, exp)[0][0]
     changed = [m["clusters/h0/changed_frac"] for m in run.history]
     last = run.history[-1]
     return Outcome(changed_last=changed[-3:], memory_acc=hungarian_acc(labels, run.memory.labels_HN[0].numpy()),

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from secu.method_configs import METHODS, DRCConfig, PFCAConfig, ProPosConfig
 from secu.overrides import merge
 
 BACKBONES = ("small_cnn", "resnet18_cifar", "resnet18_stl", "resnet50")
@@ -266,16 +267,26 @@ class ExperimentConfig:
 
     name: str = "custom"
     """Recipe name this config came from (informational)."""
+    method: str = "secu"
+    """The clustering method (``secu.methods``): secu, propos, drc or pfca. Every method uses ``model``,
+    ``optim``, ``augment`` and the clusters ``secu.ks``; its own settings are in the section of its name."""
     model: ModelConfig = field(default_factory=ModelConfig)
     secu: SeCuConfig = field(default_factory=SeCuConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     self_label: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    propos: ProPosConfig = field(default_factory=ProPosConfig)
+    drc: DRCConfig = field(default_factory=DRCConfig)
+    pfca: PFCAConfig = field(default_factory=PFCAConfig)
     seed: int = 0
     """Seed for initialisation and augmentation streams."""
 
     def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"method={self.method!r}: choose one of {METHODS}")
+        _require(self.method != "pfca" or len(self.secu.ks) == 1,
+                 f"method=pfca trains one head but secu.ks={list(self.secu.ks)}: set secu.ks=[{self.secu.ks[0]}] "
+                 "(or use the recipe fashion-mnist-cpu-pfca)")
         _require(self.self_label.head < len(self.secu.ks),
                  f"self_label.head={self.self_label.head}: the config has {len(self.secu.ks)} heads (secu.ks)")
         _require(

@@ -76,3 +76,24 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0 (rank order) with the gradient flowing back to this rank's
+    part: a loss over the gathered rows, summed over ranks by DDP's averaging, gets the gradient of the loss
+    over the global batch (each rank holds the same number of rows)."""
+    if not is_distributed():
+        return t
+    parts = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[rank()] = t  # only the local part carries autograd history
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks where the gradient reaches this rank's ``t`` unchanged (the other ranks' terms are
+    constants here; they receive their own gradient in their own backward pass)."""
+    if not is_distributed():
+        return t
+    total = all_reduce_sum(t.detach())
+    return t + (total - t.detach())

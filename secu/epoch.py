@@ -49,10 +49,11 @@ def run_epoch(
         epoch: the epoch's index (the store checks it on writes).
         batch_size: this rank's batch size. A shorter batch (the last one) is counted but not trained on:
             BatchNorm needs full batches, and every rank gets the same rows, so all ranks skip it together.
-        context: what ``before_epoch`` may use besides the batches.
+        context: what ``before_epoch`` and ``label_pass`` may use besides the batches.
         on_step: called after every step with the number of steps done in this epoch.
     """
-    method.before_epoch(epoch, context or EpochContext())
+    context = context or EpochContext()
+    method.before_epoch(epoch, context)
     steps, images, delivered = 0, 0, 0
     for batch in batches:
         ids = batch["sample_index"]
@@ -72,5 +73,7 @@ def run_epoch(
         images += int(ids.shape[0])
         if on_step is not None:
             on_step(steps)
+    for pass_ids_B, pass_labels_HB in method.label_pass(epoch, context):
+        store.write_async(np.asarray(pass_ids_B), np.asarray(pass_labels_HB), epoch)
     store.flush()
     return EpochResult(method.after_epoch(), steps, images, delivered)

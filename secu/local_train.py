@@ -1,8 +1,9 @@
-"""A whole SeCu run in one process over images held in memory (no Ray).
+"""A whole run of any clustering method (``exp.method``) in one process over images held in memory (no Ray).
 
-The same parts as the Ray training loop (``pipelines.training.train_loop``): the network of the config,
-``secu_step``, the optimizer and its per-iteration schedule, the batched two-view augmentation, one
-epoch-start center snapshot, the stored label of the previous epoch. It is what the benchmarks
+The same parts as the Ray training loop (``pipelines.training.train_loop``): the method of the config
+(``secu.methods.build_method``) trained by ``secu.epoch.run_epoch``, the batched two-view augmentation
+(or the evaluation transform for a method that needs no views), a feature pass for methods that ask for
+one, the stored label of the previous epoch. It is what the benchmarks
 (``benchmarks.robustness``, ``benchmarks.small_data_stability``) and the training-run tests use to
 train hundreds of small runs without a cluster's start-up cost, and a reference a user can run on a
 laptop sample. Each epoch visits the images in a fresh random order; the last partial batch is not
@@ -24,30 +25,59 @@ from secu.augment import EvalTransform, eval_batch, normalize
 from secu.batch_augment import BatchTwoViewAugment
 from secu.config import ExperimentConfig
 from secu.epoch import run_epoch
-from secu.method import Batch
-from secu.network import SeCuNetwork, build_network, confident_clusters
+from secu.method import Batch, ClusteringMethod, EpochContext
+from secu.methods import build_method
+from secu.network import SeCuNetwork
 from secu.secu_method import SeCuMethod
 from secu.state import ClusterState, LocalMemory
 
 
 @dataclass
 class LocalRun:
-    """The end state of a run: network, memory, state and one metrics dict per epoch."""
+    """The end state of a run: the method (its networks), the memory and one metrics dict per epoch."""
 
-    net: SeCuNetwork
+    method: ClusteringMethod
     memory: LocalMemory
-    state: ClusterState
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def net(self) -> SeCuNetwork:
+        """SeCu's network (encoder + centers), e.g. for self-labeling."""
+        if not isinstance(self.method, SeCuMethod):
+            raise TypeError(f"run.net is SeCu's network; this run trained method={self.method.name!r}")
+        return self.method.base
+
+    @property
+    def state(self) -> ClusterState:
+        """SeCu's counters and duals at the end of the run."""
+        if not isinstance(self.method, SeCuMethod):
+            raise TypeError(f"run.state is SeCu's cluster state; this run trained method={self.method.name!r}")
+        return self.method.state
 
 
 def _batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
-             seed: int) -> Iterator[Batch]:
-    """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``."""
+             seed: int, inputs: tuple[str, ...], transform: EvalTransform) -> Iterator[Batch]:
+    """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``;
+    ``image`` (the evaluation transform) where the method's ``batch_inputs`` ask for it."""
     iters = len(images) // batch
     for it in range(iters):
         ids = order[it * batch:(it + 1) * batch]
-        v1, v2 = aug([images[i] for i in ids.tolist()], seed=seed * 1_000_003 + epoch * iters + it)
-        yield {"sample_index": ids, "view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
+        chosen = [images[i] for i in ids.tolist()]
+        out: Batch = {"sample_index": ids}
+        if "view1" in inputs or "view2" in inputs:
+            v1, v2 = aug(chosen, seed=seed * 1_000_003 + epoch * iters + it)
+            out |= {"view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
+        if "image" in inputs:
+            out["image"] = torch.from_numpy(eval_batch(transform, chosen))
+        yield out
+
+
+def _feature_batches(images: np.ndarray, transform: EvalTransform, batch: int = 1024) -> Iterator[Batch]:
+    """Every image once, in id order, through the evaluation transform (uint8, key ``image``)."""
+    for start in range(0, len(images), batch):
+        chosen = list(images[start:start + batch])
+        yield {"sample_index": torch.arange(start, start + len(chosen)),
+               "image": torch.from_numpy(eval_batch(transform, chosen))}
 
 
 def _memory_metrics(memory: LocalMemory, before_HN: torch.Tensor, ks: tuple[int, ...], epoch: int
@@ -77,39 +107,38 @@ def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = Non
         raise ValueError(f"{n} images are fewer than one batch of optim.batch_size={batch}")
     torch.manual_seed(exp.seed)
     order_gen = torch.Generator().manual_seed(exp.seed + 2)
-    method = SeCuMethod(exp, build_network(exp), iters)
-    aug = BatchTwoViewAugment(exp.augment)
+    method = build_method(exp, iters)
+    aug, transform = BatchTwoViewAugment(exp.augment), EvalTransform(exp.augment)
     memory = LocalMemory(n, exp.secu.num_heads)
-    run = LocalRun(method.base, memory, method.state)
+    run = LocalRun(method, memory)
+    context = EpochContext(feature_batches=(lambda: _feature_batches(images, transform))
+                           if method.needs_feature_pass else None)
     for epoch in range(exp.optim.epochs):
         order = torch.randperm(n, generator=order_gen)
         before_HN = memory.labels_HN.clone()
-        result = run_epoch(method, _batches(images, order, aug, batch, epoch, exp.seed), memory, epoch,
-                           batch_size=batch)
+        batches = _batches(images, order, aug, batch, epoch, exp.seed, method.batch_inputs, transform)
+        result = run_epoch(method, batches, memory, epoch, batch_size=batch, context=context)
         metrics: dict[str, Any] = {"epoch": epoch, **result.summary.metrics,
                                    **_memory_metrics(memory, before_HN, exp.secu.ks, epoch)}
         run.history.append(metrics)
         if log is not None:
             log(metrics)
-    run.state = method.state
     return run
 
 
 @torch.no_grad()
-def predict(net: SeCuNetwork, images: np.ndarray, exp: ExperimentConfig, batch: int = 1024
+def predict(method: ClusteringMethod, images: np.ndarray, exp: ExperimentConfig, batch: int = 1024
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Published labels (H x N, argmax of the evaluation view against the centers, as inference) and
-    the softmax confidence at the center temperature (H x N)."""
-    net.eval()
+    """Published labels (H x N: ``method.assign`` on the evaluation view, as inference does) and their
+    confidence (H x N). Puts the method in eval mode."""
+    method.eval()
     transform = EvalTransform(exp.augment)
     labels, confs = [], []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(eval_batch(transform, list(images[start:start + batch])))
-        sims_HBK, _ = net.assign(normalize(x, exp.augment.mean, exp.augment.std))
-        pairs = [confident_clusters(s_BK, exp.secu.tw) for s_BK in sims_HBK]
-        labels.append(np.stack([c.numpy() for c, _, _ in pairs]))
-        confs.append(np.stack([p.numpy() for _, p, _ in pairs]))
-    net.train()
+        out = method.assign(normalize(x, exp.augment.mean, exp.augment.std))
+        labels.append(out.clusters_HB.cpu().numpy())
+        confs.append(out.confidence_HB.float().cpu().numpy())
     return np.concatenate(labels, axis=1), np.concatenate(confs, axis=1)
 
 

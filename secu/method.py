@@ -7,6 +7,8 @@ epoch owns the order of things: batches, the label store, counting. Per epoch::
     for batch in batches:                         # full batches only
         out = method.train_step(batch, stored)    # forward, losses, backward, every optimizer it steps
         store.write_async(ids[out.write_mask_B], out.labels_HB[:, out.write_mask_B], epoch)
+    for ids, labels in method.label_pass(epoch, context):   # ProPos: k-means labels for the next epoch
+        store.write_async(ids, labels, epoch)
     store.flush()
     summary = method.after_epoch()                # metrics (identical on every rank), cluster state
 
@@ -76,6 +78,20 @@ class StepOutput:
 
 
 @dataclass
+class Assignment:
+    """Inference on a batch of normalised evaluation images (what the Parquet rows carry per head)."""
+
+    clusters_HB: torch.Tensor
+    """The cluster of every image for every head (int64)."""
+    confidence_HB: torch.Tensor
+    """The method's probability of that cluster, in [0, 1]."""
+    similarity_HB: torch.Tensor
+    """The method's raw score of that cluster: cosine to the center (SeCu, ProPos) or the logit (DRC, PFCA)."""
+    embedding_BD: torch.Tensor | None = None
+    """The feature the method clusters (L2-normalised where the method normalises it); None where it has none."""
+
+
+@dataclass
 class EpochSummary:
     """The end of an epoch as a method sees it."""
 
@@ -91,7 +107,10 @@ class ClusteringMethod(ABC):
 
     name: ClassVar[str]
     needs_feature_pass: ClassVar[bool] = False
-    """True when ``before_epoch`` needs ``EpochContext.feature_batches``."""
+    """True when ``before_epoch`` or ``label_pass`` needs ``EpochContext.feature_batches``."""
+    batch_inputs: ClassVar[tuple[str, ...]] = ("view1", "view2")
+    """The image keys a training batch must carry: two augmented views, or ``("image",)`` (the evaluation
+    transform) for a method that needs no views (PFCA)."""
 
     @abstractmethod
     def wrap_networks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
@@ -113,6 +132,29 @@ class ClusteringMethod(ABC):
         """A short account of the running epoch for a progress log line."""
         return ""
 
+    def eval(self) -> ClusteringMethod:
+        """Evaluation mode for every network the method holds (before ``assign``); returns the method."""
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.eval()
+        return self
+
+    def label_pass(self, epoch: int, context: EpochContext) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """Labels computed after the epoch's last step over every image of this rank's part, as (ids int64 [B],
+        labels [H, B]) pairs, stored as this epoch's labels, so that the next epoch reads them (ProPos's k-means
+        pass). A method that labels images in ``train_step`` yields nothing (the default)."""
+        return ()
+
+    def cluster_axes(self, head: int) -> dict[str, int]:
+        """The entries of ``state_dict()["network"]`` that have one slice per cluster of ``head``, with that axis;
+        reclustering permutes them to keep cluster ids stable across runs."""
+        return {}
+
+    def center_key(self, head: int) -> str | None:
+        """The ``state_dict()["network"]`` entry holding ``head``'s centers as a D x K matrix, where the method
+        has centers (reclustering matches them by cosine); None: matched by label overlap instead."""
+        return None
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue training after the last ``after_epoch`` (networks, optimizers, state)."""
@@ -122,5 +164,5 @@ class ClusteringMethod(ABC):
         """Inverse of ``state_dict``; keys a warm start does not carry (e.g. ``optimizer``) may be missing."""
 
     @abstractmethod
-    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cluster of every head and its confidence for normalised images [B, C, S, S]: ([H, B], [H, B])."""
+    def assign(self, images: torch.Tensor) -> Assignment:
+        """Inference on normalised evaluation images [B, C, S, S] (eval mode, no gradient, the method's device)."""

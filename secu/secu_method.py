@@ -16,13 +16,16 @@ from torch import nn
 from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.method import Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
 from secu.network import SeCuNetwork, confident_clusters
 from secu.optim import build_optimizer, set_learning_rates
 from secu.precision import autocast_dtype
 from secu.schedules import lr_schedule
 from secu.state import ClusterState
 from secu.step import secu_step
+
+CENTER_KEY = "centers.weights.{head}"
+"""Key of head h's center matrix W_h (D x K) in the network's state dict (``secu.centers.Centers``)."""
 
 
 class SeCuMethod(ClusteringMethod):
@@ -134,9 +137,18 @@ class SeCuMethod(ClusteringMethod):
             self.optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state.get("global_step", 0))
 
+    def cluster_axes(self, head: int) -> dict[str, int]:
+        """Head h's center matrix W_h (D x K): one column per cluster."""
+        return {CENTER_KEY.format(head=head): 1}
+
+    def center_key(self, head: int) -> str | None:
+        return CENTER_KEY.format(head=head)
+
     @torch.no_grad()
-    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """argmax_k of z C_h (spec 7) and the softmax probability at the center temperature tw."""
-        sims_HBK, _ = self.base.assign(images.to(self.device))
-        pairs = [confident_clusters(s_BK, self.exp.secu.tw)[:2] for s_BK in sims_HBK]
-        return torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])
+    def assign(self, images: torch.Tensor) -> Assignment:
+        """argmax_k of z C_h (spec 7), the softmax probability at the center temperature tw, the cosine."""
+        sims_HBK, z_BD = self.base.assign(images.to(self.device))
+        triples = [confident_clusters(s_BK, self.exp.secu.tw) for s_BK in sims_HBK]
+        return Assignment(clusters_HB=torch.stack([c for c, _, _ in triples]),
+                          confidence_HB=torch.stack([p for _, p, _ in triples]),
+                          similarity_HB=torch.stack([s for _, _, s in triples]), embedding_BD=z_BD)

@@ -125,13 +125,14 @@ def test_secu_method_assign_is_what_predict_publishes() -> None:
     method = SeCuMethod(exp, build_network(exp), N // BATCH)
     train(method, LocalMemory(N, 2), range(2))
     images = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
-    labels, confidence = predict(method.base, images, exp)
+    labels, confidence = predict(method, images, exp)
     from secu.augment import EvalTransform, eval_batch, normalize
 
-    method.base.eval()
+    method.eval()
     x = normalize(torch.from_numpy(eval_batch(EvalTransform(exp.augment), list(images))),
                   exp.augment.mean, exp.augment.std)
-    got_labels, got_conf = method.assign(x)
-    assert np.array_equal(got_labels.numpy(), labels)
-    assert np.allclose(got_conf.numpy(), confidence)
+    got = method.assign(x)
+    assert np.array_equal(got.clusters_HB.numpy(), labels)
+    assert np.allclose(got.confidence_HB.numpy(), confidence)
+    assert got.similarity_HB.shape == (2, 12) and got.embedding_BD is not None
     assert labels.shape == (2, 12) and bool(((confidence > 0) & (confidence <= 1)).all())

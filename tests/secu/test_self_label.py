@@ -73,9 +73,9 @@ def test_a_short_run_raises_acc_on_a_toy_set() -> None:
         "self_label.lr=0.001"])
     exp = adapt_to_collection(exp, len(images)).experiment
     run = train_in_memory(images, exp)
-    before = hungarian_acc(labels, predict(run.net, images, exp)[0][0])
+    before = hungarian_acc(labels, predict(run.method, images, exp)[0][0])
     history = self_label_in_memory(run.net, images, exp)
-    after = hungarian_acc(labels, predict(run.net, images, exp)[0][0])
+    after = hungarian_acc(labels, predict(run.method, images, exp)[0][0])
     print(f"toy self-labeling: ACC {before:.3f} -> {after:.3f}")
     assert len(history) == 10 and all(np.isfinite(h["self_label/loss"]) for h in history)
     assert all(0.5 <= h["self_label/confident_frac"] <= 0.55 for h in history)  # half of every cluster
