@@ -25,7 +25,7 @@ import numpy as np
 
 from secu.config import OptimConfig
 
-__all__ = ["center_lr", "encoder_lr", "lr_schedule"]
+__all__ = ["center_lr", "encoder_lr", "lr_schedule", "warmup_cosine"]
 
 
 def _check(t: int, iters_per_epoch: int) -> None:
@@ -102,3 +102,20 @@ def lr_schedule(iters_per_epoch: int, cfg: OptimConfig) -> tuple[np.ndarray, np.
     else:
         cen = cfg.clr * (1.0 - np.cos(np.pi * t / (e * i))) / 2.0
     return enc, cen
+
+
+def warmup_cosine(iters_per_epoch: int, cfg: OptimConfig) -> np.ndarray:
+    """The learning rate of the methods other than SeCu, per global iteration (length E * I): no epochs at lr 0
+    (SeCu's init epochs initialise its centers; the other methods have nothing to initialise), a linear warm-up
+    of as many epochs as SeCu's (W - Z), then the cosine decay to 0 of ``lr_schedule``."""
+    _check(0, iters_per_epoch)
+    i, e = iters_per_epoch, cfg.epochs
+    w = cfg.warmup_epochs - cfg.init_epochs
+    t = np.arange(e * i, dtype=np.float64)
+    lrs = np.zeros_like(t)
+    warm = t < w * i
+    lrs[warm] = cfg.lr * (t[warm] + 1.0) / (w * i)
+    decay = ~warm
+    if decay.any():
+        lrs[decay] = cfg.lr * (1.0 + np.cos(np.pi * (t[decay] - w * i) / max(1.0, e * i - w * i))) / 2.0
+    return lrs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from secu.config import OptimConfig
-from secu.schedules import center_lr, encoder_lr, lr_schedule
+from secu.schedules import center_lr, encoder_lr, lr_schedule, warmup_cosine
 
 # The CIFAR-10 reference: E = 401, W = 11, lr = 0.2; I = 10 keeps the arrays small.
 I = 10
@@ -79,3 +79,12 @@ def test_errors() -> None:
         lr_schedule(0, CFG)
     with pytest.raises(ValueError, match="t=-1"):
         encoder_lr(-1, I, CFG)
+
+
+def test_warmup_cosine_has_no_zero_epochs_and_decays_to_zero() -> None:
+    cfg = OptimConfig(lr=0.4, epochs=5, warmup_epochs=3, init_epochs=1)
+    lrs = warmup_cosine(10, cfg)
+    assert lrs.shape == (50,)
+    assert lrs[0] == pytest.approx(0.4 / 20) and lrs[19] == pytest.approx(0.4)  # 2 warm-up epochs
+    assert lrs[20] == pytest.approx(0.4) and lrs[-1] < 0.01 and bool((lrs > 0).all())
+    assert bool((np.diff(lrs[20:]) <= 0).all())
