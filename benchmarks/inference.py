@@ -55,9 +55,10 @@ DATASET = "fm"
 
 def write_fresh_checkpoint(storage: Storage, recipe_name: str) -> str:
     """A freshly initialised checkpoint under ``runs/<RUN_ID>/checkpoints/``; returns its rel path."""
-    from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+    from pipelines.training.checkpointing import TrainingState, save_checkpoint
     from pipelines.training.coordinator_state import CoordinatorState, ShardState
     from pipelines.training.job_config import ComputeConfig, TrainJobConfig
+    from secu.network import build_network
     from secu.recipes import recipe
     from secu.state import ClusterState
 

@@ -14,7 +14,7 @@ Legend: N = images, H = heads, K = clusters of one head, B = batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ class LocalRun:
         return self.method.state
 
 
-def _batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
+def epoch_batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
              seed: int, inputs: tuple[str, ...], transform: EvalTransform) -> Iterator[Batch]:
     """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``;
     ``image`` (the evaluation transform) where the method's ``batch_inputs`` ask for it."""
@@ -72,7 +72,7 @@ def _batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, 
         yield out
 
 
-def _feature_batches(images: np.ndarray, transform: EvalTransform, batch: int = 1024) -> Iterator[Batch]:
+def feature_batches(images: np.ndarray, transform: EvalTransform, batch: int = 1024) -> Iterator[Batch]:
     """Every image once, in id order, through the evaluation transform (uint8, key ``image``)."""
     for start in range(0, len(images), batch):
         chosen = list(images[start:start + batch])
@@ -95,10 +95,12 @@ def _memory_metrics(memory: LocalMemory, before_HN: torch.Tensor, ks: tuple[int,
     return out
 
 
-def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None) -> LocalRun:
+def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = None,
+                    on_epoch: Callable[[int, ClusteringMethod], None] | None = None) -> LocalRun:
     """Train ``exp`` on ``images`` (N x S x S or N x S x S x C uint8) with global batch ``optim.batch_size``.
 
-    ``log``, when given, is called with every epoch's metrics dict.
+    ``log``, when given, is called with every epoch's metrics dict; ``on_epoch`` with the epoch and the
+    method after every epoch (e.g. to evaluate it; the next epoch puts it back in training mode).
     """
     n = len(images)
     batch = exp.optim.batch_size
@@ -111,18 +113,20 @@ def train_in_memory(images: np.ndarray, exp: ExperimentConfig, *, log: Any = Non
     aug, transform = BatchTwoViewAugment(exp.augment), EvalTransform(exp.augment)
     memory = LocalMemory(n, exp.secu.num_heads)
     run = LocalRun(method, memory)
-    context = EpochContext(feature_batches=(lambda: _feature_batches(images, transform))
+    context = EpochContext(feature_batches=(lambda: feature_batches(images, transform))
                            if method.needs_feature_pass else None)
     for epoch in range(exp.optim.epochs):
         order = torch.randperm(n, generator=order_gen)
         before_HN = memory.labels_HN.clone()
-        batches = _batches(images, order, aug, batch, epoch, exp.seed, method.batch_inputs, transform)
+        batches = epoch_batches(images, order, aug, batch, epoch, exp.seed, method.batch_inputs, transform)
         result = run_epoch(method, batches, memory, epoch, batch_size=batch, context=context)
         metrics: dict[str, Any] = {"epoch": epoch, **result.summary.metrics,
                                    **_memory_metrics(memory, before_HN, exp.secu.ks, epoch)}
         run.history.append(metrics)
         if log is not None:
             log(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, method)
     return run
 
 

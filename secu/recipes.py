@@ -7,6 +7,7 @@ laptops (2 CPU cores), ``fashion-mnist-resnet18`` the reference small-image reci
 from __future__ import annotations
 
 from secu.config import AugmentConfig, ExperimentConfig, ModelConfig, OptimConfig, SeCuConfig
+from secu.method_configs import ProPosConfig
 
 # ---------------------------------------------------------------------------------------------
 # Recipes: the reference hyperparameters (secu-algorithm.md section 6) and a CPU recipe.
@@ -94,6 +95,51 @@ def _fashion_mnist_gpu() -> ExperimentConfig:
     return ExperimentConfig.from_dict(cfg.to_dict())
 
 
+def _fashion_mnist_cpu_method(method: str) -> ExperimentConfig:
+    # The CPU recipe with another method (issue 14): the same encoder, views, heads and schedule length, so
+    # that the methods are compared on equal terms; the method's own settings are its config's defaults, and
+    # the learning rate the papers' SGD rate (ProPos 0.05; DRC a stated choice, the same).
+    cfg = _fashion_mnist_cpu(name=f"fashion-mnist-cpu-{method}")
+    cfg.method = method
+    if method in ("propos", "drc"):
+        cfg.optim.lr = 0.05
+    if method == "pfca":
+        # PFCA trains one head (its generator is conditioned on one K-way code) with the paper's batch of 100.
+        cfg.secu = SeCuConfig(ks=(10,))
+        cfg.optim.batch_size = 100
+    return ExperimentConfig.from_dict(cfg.to_dict())
+
+
+def _propos_cifar10() -> ExperimentConfig:
+    # ProPos' published CIFAR-10 setting (Huang et al., TPAMI 2022): ResNet-18, projector 4096 -> 256, batch 512,
+    # 1000 epochs, SGD lr 0.05 cosine, momentum 0.9, wd 5e-4, predictor lr x 10, k-means every epoch.
+    return ExperimentConfig(
+        name="propos-cifar10", method="propos",
+        model=ModelConfig(backbone="resnet18_cifar", hidden_dim=4096, feat_dim=256),
+        secu=SeCuConfig(ks=(10,)),
+        optim=OptimConfig(optimizer="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9, epochs=1000, warmup_epochs=11,
+                          batch_size=512),
+        augment=AugmentConfig(image_size=32, min_crop=0.08, mean=_CIFAR_MEAN, std=_CIFAR_STD),
+        propos=ProPosConfig(momentum=0.996, sigma=1e-3, lambda_psl=0.1, reassign=1, predictor_lr_mult=10.0,
+                            predictor_hidden=4096),
+    )
+
+
+def _propos_imagenet() -> ExperimentConfig:
+    # ProPos' published ImageNet setting: ResNet-50, LARS lr 0.3, wd 1e-6, lambda 0.001, sigma 1e-4, momentum
+    # rising to 1 on a cosine, k-means every 10 epochs. K = 1000 for ImageNet-1k: set secu.ks to your classes.
+    return ExperimentConfig(
+        name="propos-imagenet", method="propos",
+        model=ModelConfig(backbone="resnet50", mlp="imagenet", hidden_dim=4096, feat_dim=256),
+        secu=SeCuConfig(ks=(1000,)),
+        optim=OptimConfig(optimizer="lars", lr=0.3, weight_decay=1e-6, momentum=0.9, epochs=200, warmup_epochs=11,
+                          batch_size=1024),
+        augment=AugmentConfig(image_size=224, min_crop=0.08, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, eval_resize=256),
+        propos=ProPosConfig(momentum=0.996, momentum_cosine=True, sigma=1e-4, lambda_psl=0.001, reassign=10,
+                            predictor_lr_mult=10.0, predictor_hidden=4096),
+    )
+
+
 _RECIPES = {
     "cifar10": lambda: _cifar10("size"),
     "cifar10-entropy": lambda: _cifar10("entropy"),
@@ -105,6 +151,11 @@ _RECIPES = {
     # The longer CPU schedule: at most an hour on 2 cores for the 60k train split.
     "fashion-mnist-cpu-long": lambda: _fashion_mnist_cpu(epochs=40, warmup=3, name="fashion-mnist-cpu-long"),
     "fashion-mnist-resnet18": _fashion_mnist_gpu,
+    "fashion-mnist-cpu-propos": lambda: _fashion_mnist_cpu_method("propos"),
+    "fashion-mnist-cpu-drc": lambda: _fashion_mnist_cpu_method("drc"),
+    "fashion-mnist-cpu-pfca": lambda: _fashion_mnist_cpu_method("pfca"),
+    "propos-cifar10": _propos_cifar10,
+    "propos-imagenet": _propos_imagenet,
 }
 
 RECIPE_NAMES = tuple(sorted(_RECIPES))

@@ -123,6 +123,15 @@ def eval_transform(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, 
     return out
 
 
+def train_images(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
+    """Stage ``train_images`` (methods that train on no views, PFCA): ``image`` -> the deterministic uint8
+    C x S x S of the evaluation transform and ``sample_index``, the only columns left."""
+    transform = _eval_transform(cfg_json)
+    images = list(batch["image"])
+    return {"image": eval_batch(transform, images) if images else _empty_views(transform.cfg),
+            "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Building datasets
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +242,9 @@ def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy:
 
 def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *, seed: int,
                         policy: BadInputPolicy | None = None, counter: Any | None = None,
-                        weak: AugmentConfig | None = None) -> ray.data.Dataset:
-    """The training stream: columns ``view1``, ``view2`` (uint8 B x C x S x S) and ``sample_index`` (int64).
+                        weak: AugmentConfig | None = None, views: bool = True) -> ray.data.Dataset:
+    """The training stream: columns ``view1``, ``view2`` (uint8 B x C x S x S) and ``sample_index`` (int64);
+    with ``views=False`` (a method whose ``batch_inputs`` is ``("image",)``) ``image`` instead of the views.
 
     Args:
         storage: Where the dataset lives.
@@ -251,6 +261,9 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
     ds = _read_and_decode(storage, plan, augment.channels, policy,
                           FileShuffleConfig(seed=seed, reseed_after_execution=True))
     cfg_json = json.dumps(asdict(augment))
+    if not views:
+        return ds.map_batches(cast(Any, train_images), batch_size=DECODE_BATCH, batch_format="numpy",
+                              fn_kwargs={"cfg_json": cfg_json})
     return ds.map_batches(cast(Any, augment_two_views), batch_size=DECODE_BATCH, batch_format="numpy",
                           fn_kwargs={"cfg_json": cfg_json, "seed": seed,
                                      "weak_json": None if weak is None else json.dumps(asdict(weak))})

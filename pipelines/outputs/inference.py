@@ -61,7 +61,8 @@ from pipelines.training.checkpointing import (
 )
 from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.network import confident_clusters
+from secu.method import ClusteringMethod
+from secu.methods import build_method
 from secu.precision import autocast_dtype
 
 __all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
@@ -134,22 +135,24 @@ class Assigner:
 
     def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
                  use_gpu: bool = False, torch_threads: int = 1) -> None:
-        """Load the network of ``checkpoint`` onto this actor's device."""
+        """Load the method of ``checkpoint`` onto this actor's device."""
         loaded = load_checkpoint(checkpoint)
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("an Assigner was given a GPU but torch sees none: check the CUDA install")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
             torch.set_num_threads(max(1, torch_threads))
-        self.network = loaded.network.to(self.device)
         exp = loaded.job.experiment
+        self.method = build_method(exp, iters_per_epoch=1, device=self.device)
+        self.method.load_state_dict(loaded.method.state_dict())
+        self.method.eval()
         self.mean, self.std = exp.augment.mean, exp.augment.std
-        self.tw = float(exp.secu.tw)
         self.num_heads = exp.secu.num_heads
         self.use_amp = use_gpu and exp.optim.mixed_precision
         self.amp_dtype = autocast_dtype(self.device)
         self.with_embeddings = with_embeddings
-        self.schema = assignment_schema(self.num_heads, exp.model.feat_dim if with_embeddings else None)
+        dim = embedding_dim(loaded.method, exp) if with_embeddings else None
+        self.schema = assignment_schema(self.num_heads, dim)
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
 
     @torch.no_grad()
@@ -162,21 +165,21 @@ class Assigner:
         x = torch.from_numpy(np.require(images, dtype=np.uint8, requirements=["C", "W"]))
         x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            sims_BK, z_BD = self.network.assign(x)
+            out = self.method.assign(x)  # the method's inference rule (SeCu: argmax z C_h, softmax at tw)
         n = x.shape[0]
         arrays: dict[str, pa.Array] = {
             "sample_index": pa.array(np.asarray(batch["sample_index"], dtype=np.int64)),
             "key": pa.array([str(k) for k in batch["key"]], pa.string()),
             "shard": pa.array([str(s) for s in batch["shard"]], pa.string()),
         }
-        for h, s_BK in enumerate(sims_BK):
-            # The method's inference rule: argmax of the similarity, softmax at tw as the confidence.
-            cluster_B, prob_B, sim_B = confident_clusters(s_BK, self.tw)
-            arrays[cluster_column(h)] = pa.array(cluster_B.to(torch.int32).cpu().numpy())
-            arrays[similarity_column(h)] = pa.array(sim_B.cpu().numpy().astype(np.float32))
-            arrays[confidence_column(h)] = pa.array(prob_B.cpu().numpy().astype(np.float32))
+        for h in range(self.num_heads):
+            arrays[cluster_column(h)] = pa.array(out.clusters_HB[h].to(torch.int32).cpu().numpy())
+            arrays[similarity_column(h)] = pa.array(out.similarity_HB[h].float().cpu().numpy())
+            arrays[confidence_column(h)] = pa.array(out.confidence_HB[h].float().cpu().numpy())
         if self.with_embeddings:
-            z = z_BD.float().cpu().numpy().astype(np.float32, copy=False)
+            if out.embedding_BD is None:
+                raise ValueError(f"method={self.method.name} gives no embedding: run inference without embeddings")
+            z = out.embedding_BD.float().cpu().numpy().astype(np.float32, copy=False)
             arrays[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), z.shape[1])
         arrays["run_id"] = pa.array([self.run_id] * n, pa.string())
         arrays["checkpoint"] = pa.array([self.checkpoint] * n, pa.string())
@@ -263,7 +266,18 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
                      min_rows_per_file=options.min_rows_per_file, compression="zstd")
 
 
-def _model_fields(ref: CheckpointRef, exp: ExperimentConfig, options: InferenceOptions) -> dict[str, Any]:
+@torch.no_grad()
+def embedding_dim(method: ClusteringMethod, exp: ExperimentConfig) -> int:
+    """The width of the method's embedding (one blank image through ``assign``; methods embed differently)."""
+    a = exp.augment
+    out = method.assign(torch.zeros(1, a.channels, a.image_size, a.image_size))
+    if out.embedding_BD is None:
+        raise ValueError(f"method={exp.method} gives no embedding: run inference without embeddings")
+    return int(out.embedding_BD.shape[1])
+
+
+def _model_fields(ref: CheckpointRef, exp: ExperimentConfig, options: InferenceOptions,
+                  method: ClusteringMethod) -> dict[str, Any]:
     """The ``_SUCCESS`` entries naming the checkpoint, the heads and the settings of the inference."""
     return {
         "checkpoint": ref.label,
@@ -272,7 +286,8 @@ def _model_fields(ref: CheckpointRef, exp: ExperimentConfig, options: InferenceO
         "num_heads": exp.secu.num_heads,
         "ks": list(exp.secu.ks),
         "tw": exp.secu.tw,
-        "embedding_dim": exp.model.feat_dim if options.with_embeddings else None,
+        "method": exp.method,
+        "embedding_dim": embedding_dim(method, exp) if options.with_embeddings else None,
         "experiment": exp.to_dict(),
         "options": asdict(options),
     }
@@ -345,7 +360,7 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
         "scope": "all" if shards is None else "shards",
         "shards": None if shards is None else chosen,
         "train_dataset": train_dataset,
-        **_model_fields(ref, exp, options),
+        **_model_fields(ref, exp, options, loaded.method),
         "attempt": attempt,
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / max(seconds, 1e-9), 1),

@@ -1,11 +1,14 @@
-"""Stable cluster ids across reclustering runs: center matching, a relabelled checkpoint, drift figures.
+"""Stable cluster ids across reclustering runs: center or label matching, a relabelled checkpoint, drift figures.
 
 A new run's cluster k is not the previous run's cluster k by construction (a warm start keeps them
-close, a fresh start does not). Per head, the new centers are matched one-to-one to the previous
-run's centers by the Hungarian algorithm on their cosine similarity (``match_centers``), and the match
-is applied once, to a copy of the new run's final checkpoint (``aligned_checkpoint``; the reclustering
-tick writes it with ``pipelines.training.checkpointing.publish_checkpoint``): center columns,
-per-cluster duals and counters and the assignment memory are permuted, so that everything read from
+close, a fresh start does not). Per head, the new clusters are matched one-to-one to the previous
+run's by the Hungarian algorithm: on the cosine similarity of their centers where the method has centers
+(SeCu, ProPos: ``match_centers``), else on the overlap of the two runs' stored labels over the images
+both labelled (DRC, PFCA: ``match_labels``). The match is applied once, to a copy of the new run's final
+checkpoint (``aligned_checkpoint``; the reclustering tick writes it with
+``pipelines.training.checkpointing.publish_checkpoint``): every per-cluster entry of the method's networks
+(``ClusteringMethod.cluster_axes``: center columns, classifier rows), per-cluster duals and counters and
+the assignment memory are permuted, so that everything read from
 that copy (inference, the next tick's warm start) uses the stable ids. The Ray Train checkpoints of the
 run are left untouched.
 
@@ -26,13 +29,12 @@ from scipy.optimize import linear_sum_assignment
 
 from pipelines.training.checkpointing import TrainingState
 from pipelines.training.coordinator_state import CoordinatorState, ShardState
+from secu.method import ClusteringMethod
 from secu.state import ClusterState
 
 DRIFT_FILE = "drift.json"
 """``runs/<run_id>/drift.json``: the drift of a reclustering tick vs the previous one (read by the report)."""
 
-CENTER_KEY = "centers.weights.{head}"
-"""Key of head h's center matrix W_h (D x K) in the network's state dict (``secu.centers.Centers``)."""
 
 
 @dataclass
@@ -70,16 +72,45 @@ def match_centers(prev_DK: np.ndarray, new_DK: np.ndarray) -> tuple[np.ndarray, 
     return mapping_K, sim_KK[rows, cols]
 
 
-def align_heads(prev_network: dict[str, torch.Tensor] | None, new_network: dict[str, torch.Tensor],
-                ks: list[int]) -> list[HeadAlignment]:
-    """The match of every head (identity when there is no previous network)."""
+def match_labels(prev_N: np.ndarray, new_N: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian matching of new to previous clusters on the images both runs labelled (ids ``[0, min(N))``,
+    label >= 0 in both): the match that keeps the most images in a cluster of the same id.
+
+    Returns:
+        ``mapping_K`` (new cluster j -> previous id) and, per new cluster, the share of its shared images
+        that the matched previous cluster holds (1 where it has none).
+    """
+    n = min(prev_N.size, new_N.size)
+    prev, new = prev_N[:n].astype(np.int64), new_N[:n].astype(np.int64)
+    both = (prev >= 0) & (new >= 0)
+    overlap_KK = np.zeros((k, k), dtype=np.float64)  # rows: new clusters, columns: previous ids
+    np.add.at(overlap_KK, (new[both], prev[both]), 1.0)
+    rows, cols = linear_sum_assignment(overlap_KK, maximize=True)
+    mapping_K = np.empty(k, dtype=np.int64)
+    mapping_K[rows] = cols
+    sizes = overlap_KK.sum(axis=1)
+    kept = np.where(sizes > 0, overlap_KK[np.arange(k), mapping_K] / np.maximum(sizes, 1.0), 1.0)
+    return mapping_K, kept
+
+
+RunState = tuple[TrainingState, CoordinatorState]
+"""A run's final training state and its coordinator state (what the matching reads)."""
+
+
+def align_heads(method: ClusteringMethod, prev: RunState | None, new: RunState, ks: list[int]) -> list[HeadAlignment]:
+    """The match of every head of ``method`` (identity when there is no previous run)."""
     out = []
+    new_labels_HN = new[1].labels()
+    prev_labels_HN = None if prev is None else prev[1].labels()
     for h, k in enumerate(ks):
-        new_DK = new_network[CENTER_KEY.format(head=h)].detach().cpu().numpy()
-        if prev_network is None:
+        key = method.center_key(h)
+        if prev is None or prev_labels_HN is None:
             mapping, sims = np.arange(k), np.ones(k)
+        elif key is not None:
+            mapping, sims = match_centers(prev[0].network[key].detach().cpu().numpy(),
+                                          new[0].network[key].detach().cpu().numpy())
         else:
-            mapping, sims = match_centers(prev_network[CENTER_KEY.format(head=h)].detach().cpu().numpy(), new_DK)
+            mapping, sims = match_labels(prev_labels_HN[h], new_labels_HN[h], k)
         out.append(HeadAlignment(h, k, [int(x) for x in mapping], float(sims.mean()), float(sims.min()),
                                  float(np.mean(mapping == np.arange(k)))))
     return out
@@ -93,16 +124,17 @@ def relabel(labels_N: np.ndarray, mapping_K: np.ndarray) -> np.ndarray:
     return out
 
 
-def permute_clusters(values_K: torch.Tensor | np.ndarray, mapping_K: np.ndarray) -> Any:
-    """A per-cluster vector (or the last axis of a D x K matrix) moved so that entry j lands at ``mapping_K[j]``."""
+def permute_clusters(values_K: torch.Tensor | np.ndarray, mapping_K: np.ndarray, axis: int = -1) -> Any:
+    """Per-cluster values (along ``axis``: the last axis of a D x K matrix, the first of a K x F classifier
+    weight) moved so that entry j lands at ``mapping_K[j]``."""
     inverse = np.argsort(mapping_K)  # position p holds the cluster j with mapping[j] == p
     if isinstance(values_K, torch.Tensor):
-        return values_K[..., torch.from_numpy(inverse)].clone()
-    return np.asarray(values_K)[..., inverse].copy()
+        return values_K.index_select(axis, torch.from_numpy(inverse).to(values_K.device)).clone()
+    return np.take(np.asarray(values_K), inverse, axis=axis)
 
 
-def aligned_checkpoint(state: TrainingState, coordinator: CoordinatorState,
-                       alignments: list[HeadAlignment]) -> tuple[TrainingState, CoordinatorState]:
+def aligned_checkpoint(state: TrainingState, coordinator: CoordinatorState, alignments: list[HeadAlignment],
+                       method: ClusteringMethod) -> tuple[TrainingState, CoordinatorState]:
     """The training and coordinator states with every per-cluster quantity in stable ids (new values).
 
     The optimizer state is dropped: the copy serves inference and warm starts (which start a fresh
@@ -111,11 +143,12 @@ def aligned_checkpoint(state: TrainingState, coordinator: CoordinatorState,
     maps = [np.asarray(a.mapping, dtype=np.int64) for a in alignments]
     network = dict(state.network)
     for h, mapping in enumerate(maps):
-        key = CENTER_KEY.format(head=h)
-        network[key] = permute_clusters(network[key], mapping)
-    cluster = state.cluster_state
-    cluster_state = ClusterState(counters=[permute_clusters(c, maps[h]) for h, c in enumerate(cluster.counters)],
-                                 duals=[permute_clusters(d, maps[h]) for h, d in enumerate(cluster.duals)])
+        for key, axis in method.cluster_axes(h).items():
+            network[key] = permute_clusters(network[key], mapping, axis)
+    cluster, cluster_state = state.cluster_state, None
+    if cluster is not None:
+        cluster_state = ClusterState(counters=[permute_clusters(c, maps[h]) for h, c in enumerate(cluster.counters)],
+                                     duals=[permute_clusters(d, maps[h]) for h, d in enumerate(cluster.duals)])
     new_state = dataclasses.replace(state, network=network, optimizer={}, cluster_state=cluster_state)
     shards = tuple(_aligned_shard(shard, maps) for shard in coordinator.shards)
     return new_state, dataclasses.replace(coordinator, shards=shards)

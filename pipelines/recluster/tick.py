@@ -55,6 +55,7 @@ from pipelines.training.checkpointing import checkpoint_at, find_latest_checkpoi
 from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig, apply_job_overrides
 from pipelines.training.warm_start import previous_labels
+from secu.methods import build_method
 
 logger = logging.getLogger(__name__)
 
@@ -345,8 +346,10 @@ def _publish_aligned(storage: Storage, run_id: str, ks: list[int], previous: dic
     if previous is not None:
         assert prev_checkpoint is not None
         prev_state, prev_coordinator = read_checkpoint(checkpoint_at(prev_checkpoint, storage))
-    alignments = align_heads(prev_state.network if prev_state else None, state.network, ks)
-    state, coordinator = aligned_checkpoint(state, coordinator, alignments)
+    method = build_method(state.job_config().experiment, iters_per_epoch=1)  # which entries are per cluster
+    alignments = align_heads(method, None if prev_state is None or prev_coordinator is None
+                             else (prev_state, prev_coordinator), (state, coordinator), ks)
+    state, coordinator = aligned_checkpoint(state, coordinator, alignments, method)
     extra_meta = {"aligned_to": previous["run_id"] if previous else None, "alignment": alignment_record(alignments)}
     aligned = publish_checkpoint(storage, join("runs", run_id, ALIGNED_DIR), state, coordinator, extra_meta)
     for a in alignments:

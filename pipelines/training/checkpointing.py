@@ -2,8 +2,9 @@
 
 A checkpoint directory holds:
 
-- ``model.pt``: ``TrainingState.to_dict()``: network (encoder + centers, unwrapped from DDP), optimizer,
-  cluster state (counters, duals), the completed epoch, the global step, the job config (with the metric
+- ``model.pt``: ``TrainingState.to_dict()``: the method's network state (``ClusteringMethod.state_dict``:
+  for SeCu encoder + centers, unwrapped from DDP), optimizer, cluster state (SeCu's counters and duals;
+  None for the other methods), the completed epoch, the global step, the job config (with the metric
   history under ``"history"``) and ``format_version``;
 - ``coordinator.pt``: ``CoordinatorState.to_dict()``, the coordinator's state at the same epoch boundary
   (assignment memory of the previous epoch, authoritative counters/duals;
@@ -38,7 +39,8 @@ import torch
 from pipelines.storage import Storage, join
 from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig
-from secu.network import SeCuNetwork, build_network
+from secu.method import ClusteringMethod
+from secu.methods import build_method
 from secu.state import ClusterState
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ class TrainingState:
 
     network: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    cluster_state: ClusterState
+    cluster_state: ClusterState | None
+    """SeCu's counters and duals; None for a method without them."""
     epoch: int
     global_step: int
     job: dict[str, Any]
@@ -72,7 +75,8 @@ class TrainingState:
 
     def to_dict(self) -> dict[str, Any]:
         """The content of ``model.pt`` (tensors are not copied)."""
-        return {"network": self.network, "optimizer": self.optimizer, "cluster_state": self.cluster_state.state_dict(),
+        cluster = None if self.cluster_state is None else self.cluster_state.state_dict()
+        return {"network": self.network, "optimizer": self.optimizer, "cluster_state": cluster,
                 "epoch": self.epoch, "global_step": self.global_step, "job": self.job,
                 "format_version": FORMAT_VERSION}
 
@@ -88,7 +92,8 @@ class TrainingState:
             raise ValueError(f"{where}: keys {missing} are missing from the training checkpoint")
         try:
             return cls(network=data["network"], optimizer=data["optimizer"],
-                       cluster_state=ClusterState.from_state_dict(data["cluster_state"]),
+                       cluster_state=None if data["cluster_state"] is None
+                       else ClusterState.from_state_dict(data["cluster_state"]),
                        epoch=int(data["epoch"]), global_step=int(data["global_step"]), job=data["job"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: unreadable training checkpoint ({err!r})") from None
@@ -258,21 +263,26 @@ def publish_checkpoint(storage: Storage, rel: str, state: TrainingState, coordin
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint's network (eval mode, CPU), its job config, epoch and training history."""
+    """A checkpoint's method (its networks in eval mode, CPU), its job config, epoch and training history."""
 
-    network: SeCuNetwork
+    method: ClusteringMethod
     job: TrainJobConfig
     epoch: int
     history: list[dict[str, Any]]
 
 
+def method_from_state(state: TrainingState) -> ClusteringMethod:
+    """The method of a checkpoint's job with the checkpoint's networks and state (eval mode, CPU)."""
+    method = build_method(state.job_config().experiment, iters_per_epoch=1)
+    method.load_state_dict({"network": state.network, "cluster_state": state.cluster_state,
+                            "global_step": state.global_step})
+    return method.eval()
+
+
 def load_checkpoint(ref: CheckpointRef) -> LoadedCheckpoint:
-    """Load the network of a checkpoint (downloading it first when remote)."""
+    """Load the method of a checkpoint (downloading it first when remote)."""
     with local_checkpoint_dir(ref) as directory:
         state = load_training_state(directory)
-    job = state.job_config()
-    network = build_network(job.experiment)
-    network.load_state_dict(state.network)
-    network.eval()
     history = state.job.get("history", [])
-    return LoadedCheckpoint(network, job, state.epoch, list(history) if isinstance(history, list) else [])
+    return LoadedCheckpoint(method_from_state(state), state.job_config(), state.epoch,
+                            list(history) if isinstance(history, list) else [])

@@ -34,7 +34,6 @@ from pipelines.storage import Storage
 from pipelines.training.checkpointing import (
     CHECKPOINTS_DIR,
     TrainingState,
-    build_network,
     find_latest_checkpoint,
     load_training_state,
     read_checkpoint,
@@ -47,6 +46,7 @@ from pipelines.training.trainer import TrainOutcome
 from secu import distributed
 from secu.augment import normalize
 from secu.local_train import weak_augment_config
+from secu.network import build_network
 from secu.self_label import HeadClassifier, self_label_step
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ def load_source(storage: Storage, source_run_id: str) -> tuple[SelfLabelSource, 
     ref = find_latest_checkpoint(storage, source_run_id)
     state, coordinator_state = read_checkpoint(ref)
     job = state.job_config()
+    if state.cluster_state is None or job.experiment.method != "secu":
+        raise ValueError(f"run {source_run_id!r} was trained with method={job.experiment.method}; self-labeling "
+                         "fine-tunes SeCu's encoder and centers, so it needs a run trained with method=secu")
     return SelfLabelSource(source_run_id, ref.label, state.epoch, state.network, state.cluster_state.state_dict(),
                            coordinator_state), job
 

@@ -1,7 +1,8 @@
 """The Ray Train worker: an adapter that runs ``secu.epoch.run_epoch`` over the worker's dataset shard with
 the coordinator as the label store (``train_loop_per_worker``).
 
-Per worker: context and device, the method (``SeCuMethod``) with its network wrapped for DDP, restore,
+Per worker: context and device, the method of the config (``secu.methods.build_method``) with its networks
+wrapped for DDP, restore,
 then per epoch ``coordinator.begin_epoch``, ``run_epoch`` (which flushes the label writes), a barrier,
 the epoch's counts reduced across ranks, the rank-0 duties in one place (``_close_epoch_on_rank_zero``:
 bad-input check, the coordinator's epoch close and statistics, warnings, checkpoint, history) and
@@ -19,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,6 @@ from pipelines.dataset.bad_input import verify_epoch
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import (
     TrainingState,
-    build_network,
     load_coordinator_state,
     load_training_state,
     save_checkpoint,
@@ -45,8 +45,8 @@ from pipelines.training.warm_start import WarmStart
 from secu import distributed
 from secu.diagnose import collapsed_heads, warn_if_duals_cycle
 from secu.epoch import EpochResult, run_epoch
-from secu.method import ClusteringMethod
-from secu.secu_method import SeCuMethod
+from secu.method import Batch, ClusteringMethod, EpochContext
+from secu.methods import build_method
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _quiet_ray_report_log() -> None:
 
 
 def _prepare_network(job: TrainJobConfig, world: int, device: torch.device) -> Callable[[nn.Module], nn.Module]:
-    """The DDP wrapper for ``SeCuMethod.wrap_networks``: SyncBatchNorm on multi-GPU runs, then Ray's
+    """The DDP wrapper for ``ClusteringMethod.wrap_networks``: SyncBatchNorm on multi-GPU runs, then Ray's
     ``prepare_model`` (device placement and DDP)."""
     def wrap(net: nn.Module) -> nn.Module:
         if world > 1 and job.experiment.model.sync_bn and device.type == "cuda":
@@ -171,7 +171,8 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     metrics.update(inputs.coordinator.end_epoch(
         None if closing is None else [c.numpy() for c in closing.counters],
         None if closing is None else [d.numpy() for d in closing.duals], epoch=epoch))
-    warn_if_duals_cycle(metrics, job.experiment)
+    if job.experiment.method == "secu":  # the dual variables of SeCu's size constraint
+        warn_if_duals_cycle(metrics, job.experiment)
     for msg in collapsed_heads(metrics, job.experiment, inputs.num_samples):
         logger.warning("%s", msg)
     history.append(metrics)
@@ -186,6 +187,18 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     return ray.train.Checkpoint.from_directory(tmp)
 
 
+def _epoch_context(method: ClusteringMethod, job: TrainJobConfig) -> EpochContext:
+    """The feature pass over this worker's part of the ``features`` dataset, for a method that needs one."""
+    if not method.needs_feature_pass:
+        return EpochContext()
+    features = ray.train.get_dataset_shard("features")
+
+    def feature_batches() -> Iterable[Batch]:
+        return features.iter_torch_batches(batch_size=job.local_batch_size, dtypes=None, device="cpu")
+
+    return EpochContext(feature_batches=feature_batches)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (``loop_config["inputs"]`` is a ``WorkerInputs``)."""
     _quiet_ray_report_log()
@@ -198,11 +211,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(job.compute.torch_threads or max(1, int(job.compute.cpus_per_worker)))
     device = ray.train.torch.get_device()
     iters_per_epoch = max(1, (inputs.num_samples // world) // job.local_batch_size)
-    method = SeCuMethod(exp, build_network(exp), iters_per_epoch, device)
+    method = build_method(exp, iters_per_epoch, device)
     method.wrap_networks(_prepare_network(job, world, device))
     start_epoch, history = _restore(method, inputs, rank, log)
     distributed.barrier()
     shard = ray.train.get_dataset_shard("train")
+    context = _epoch_context(method, job)
 
     for epoch in range(start_epoch, exp.optim.epochs):
         t_epoch = time.perf_counter()
@@ -218,7 +232,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         batches = shard.iter_torch_batches(batch_size=job.local_batch_size, drop_last=False, dtypes=None,
                                            device="cpu")
-        result = run_epoch(method, batches, coordinator, epoch, batch_size=job.local_batch_size, on_step=on_step)
+        result = run_epoch(method, batches, coordinator, epoch, batch_size=job.local_batch_size, context=context,
+                           on_step=on_step)
         distributed.barrier()  # every rank has flushed its labels before rank 0 closes the epoch
         elapsed = time.perf_counter() - t_epoch
         metrics, delivered_all = _epoch_metrics(epoch, result, elapsed)

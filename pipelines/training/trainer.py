@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter
 from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest_labels
-from pipelines.dataset.streams import build_train_dataset
+from pipelines.dataset.streams import build_eval_dataset, build_train_dataset
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage, join
 from pipelines.training.checkpointing import CHECKPOINTS_DIR, checkpoint_at, list_checkpoints
@@ -31,6 +31,7 @@ from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker
 from pipelines.training.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection
 from secu.diagnose import collapsed_heads
+from secu.methods import method_class
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,20 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
         return _fit(job, storage, info, init_from)
 
 
+def _datasets(job: TrainJobConfig, storage: Storage, policy: BadInputPolicy, counter: Any) -> dict[str, Any]:
+    """``train``: the method's training inputs (two views, or the evaluation image for a method without views);
+    ``features``, for a method with a feature pass (ProPos' k-means): every image through the evaluation
+    transform, split across the workers like ``train``, its bad input counted by a counter of its own."""
+    method = method_class(job.experiment.method)
+    augment = job.experiment.augment
+    datasets = {"train": build_train_dataset(storage, job.dataset, augment, seed=job.experiment.seed, policy=policy,
+                                             counter=counter, views="view1" in method.batch_inputs)}
+    if method.needs_feature_pass:
+        datasets["features"] = build_eval_dataset(storage, job.dataset, augment, policy=policy).select_columns(
+            ["sample_index", "image"])
+    return datasets
+
+
 def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: str | None) -> TrainOutcome:
     """Everything after the checks: warm start, Ray, dataset, coordinator, ``TorchTrainer.fit``."""
     warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
@@ -90,8 +105,7 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
     true_labels = labels if bool((labels >= 0).any()) else None
     policy = BadInputPolicy(max_bad_fraction=job.compute.max_bad_fraction)
     bad_input_counter = new_bad_input_counter(info.num_samples, policy)
-    dataset = build_train_dataset(storage, job.dataset, job.experiment.augment, seed=job.experiment.seed,
-                                  policy=policy, counter=bad_input_counter)
+    datasets = _datasets(job, storage, policy, bad_input_counter)
     coordinator = CoordinatorClient.create(
         run_id=job.run_id, num_samples=info.num_samples, ks=list(job.experiment.secu.ks),
         num_shards=job.compute.coordinator_shards, true_labels=true_labels,
@@ -114,8 +128,8 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
             failure_config=FailureConfig(max_failures=job.compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep),
         ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
     )
     logger.info("training run %s: %d workers, dataset %s (%d images), checkpoints under %s",
                 job.run_id, job.compute.num_workers, job.dataset, info.num_samples,

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.training.checkpointing import CheckpointRef, build_network, read_checkpoint
+from pipelines.training.checkpointing import CheckpointRef, read_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import TrainJobConfig
+from secu.methods import build_method
 from secu.state import ClusterState
 
 
@@ -36,9 +37,10 @@ class WarmStart:
     source_run_id: str | None
     source_epoch: int
     network: dict[str, torch.Tensor]
-    """State dict of the previous network (encoder + centers), loaded by every rank."""
-    cluster_state: ClusterState
-    """Duals of the previous run; counters consistent with the seeded memory (see ``seed_cluster_state``)."""
+    """State dict of the previous method's networks (SeCu: encoder + centers), loaded by every rank."""
+    cluster_state: ClusterState | None
+    """SeCu: duals of the previous run, counters consistent with the seeded memory (see ``seed_cluster_state``);
+    None for the other methods."""
     coordinator_state: CoordinatorState
     """The coordinator state at epoch 0 for the new run's id ranges, loaded by rank 0."""
     previous_num_samples: int
@@ -107,13 +109,18 @@ def prepare_warm_start(ref: CheckpointRef, job: TrainJobConfig, num_samples: int
     saved, coord = read_checkpoint(ref)
     ks = list(job.experiment.secu.ks)
     prev_job = saved.job_config()
+    if prev_job.experiment.method != job.experiment.method:
+        raise ValueError(
+            f"warm start from {ref.label}: it was trained with method={prev_job.experiment.method}, this run uses "
+            f"method={job.experiment.method}; use the same method or start a new series without a warm start")
     if list(prev_job.experiment.secu.ks) != ks:
         raise ValueError(
             f"warm start from {ref.label}: it has ks={list(prev_job.experiment.secu.ks)}, this run ks={ks}; "
             "use the same secu.ks or start a new series without a warm start"
         )
     try:  # the exact architecture check: the previous weights must load into this run's network
-        build_network(job.experiment).load_state_dict(saved.network)
+        build_method(job.experiment, iters_per_epoch=1).load_state_dict({"network": saved.network,
+                                                                         "cluster_state": saved.cluster_state})
     except RuntimeError as err:
         raise ValueError(
             f"warm start from {ref.label}: its network does not fit this run's model config ({str(err)[:300]}); "
@@ -122,6 +129,7 @@ def prepare_warm_start(ref: CheckpointRef, job: TrainJobConfig, num_samples: int
     labels_HM = previous_labels(coord)
     state = seeded_coordinator_state(labels_HM, num_samples, ranges, ks)
     full_HN = state.labels()
-    cluster_state = seed_cluster_state(saved.cluster_state, full_HN, ks, job.experiment.secu.constraint)
+    cluster_state = None if saved.cluster_state is None else seed_cluster_state(
+        saved.cluster_state, full_HN, ks, job.experiment.secu.constraint)
     return WarmStart(source=ref.label, source_run_id=ref.run_id, source_epoch=saved.epoch, network=saved.network,
                      cluster_state=cluster_state, coordinator_state=state, previous_num_samples=labels_HM.shape[1])

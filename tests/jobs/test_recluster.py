@@ -43,7 +43,6 @@ from pipelines.outputs.assignments import read_assignments
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import (
-    build_network,
     checkpoint_at,
     list_checkpoints,
     load_checkpoint,
@@ -52,6 +51,7 @@ from pipelines.training.checkpointing import (
 )
 from pipelines.training.warm_start import previous_labels
 from secu.metrics import hungarian_acc
+from secu.network import build_network
 from tests.pipelines.run_builders import CLASS_NAMES, pattern_images
 
 pytestmark = pytest.mark.ray

@@ -28,9 +28,10 @@ from pipelines.outputs.schema import (
     similarity_column,
 )
 from pipelines.storage import Storage, join
-from pipelines.training.checkpointing import TrainingState, build_network, save_checkpoint
+from pipelines.training.checkpointing import TrainingState, save_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
+from secu.network import build_network
 from secu.recipes import recipe
 from secu.state import ClusterState
 

@@ -56,9 +56,8 @@ def _plain_torch_clusters(storage: Storage, images: np.ndarray) -> tuple[np.ndar
     aug = loaded.job.experiment.augment
     t = EvalTransform(aug)
     x = torch.stack([t(image) for image in images])
-    sims, _ = loaded.network.assign(normalize(x, aug.mean, aug.std))
-    best, cluster = sims[0].max(dim=1)
-    return cluster.numpy(), best.numpy()
+    out = loaded.method.assign(normalize(x, aug.mean, aug.std))
+    return out.clusters_HB[0].numpy(), out.similarity_HB[0].numpy()
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:

@@ -7,19 +7,29 @@ import pytest
 import torch
 
 from pipelines.recluster.alignment import (
-    CENTER_KEY,
     RunLabels,
     align_heads,
     aligned_checkpoint,
     drift_metrics,
     drift_summary,
     match_centers,
+    match_labels,
     permute_clusters,
     relabel,
 )
 from pipelines.training.checkpointing import TrainingState
 from pipelines.training.coordinator_state import CoordinatorState, ShardState
+from secu.config import ExperimentConfig
+from secu.methods import build_method
+from secu.secu_method import CENTER_KEY
 from secu.state import ClusterState
+
+
+def _small(method: str, ks: list[int]) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({
+        "method": method, "secu": {"ks": ks},
+        "model": {"backbone": "small_cnn", "in_channels": 1, "cnn_width": 8, "feat_dim": 5},
+        "augment": {"channels": 1, "mean": [0.5], "std": [0.25], "image_size": 28}})
 
 
 def test_match_recovers_a_permutation_under_noise() -> None:
@@ -55,20 +65,23 @@ def test_aligned_checkpoint_permutes_centers_duals_and_memory_consistently() -> 
     perms = [rng.permutation(k) for k in ks]
     new_net = {CENTER_KEY.format(head=h): prev[CENTER_KEY.format(head=h)][:, torch.from_numpy(perms[h])].clone()
                for h in range(2)} | {"encoder.w": torch.ones(2)}
-    alignments = align_heads(prev, new_net, ks)
-    assert [a.mapping for a in alignments] == [p.tolist() for p in perms]
     duals = [torch.arange(k, dtype=torch.float64) for k in ks]
     state = TrainingState(network=new_net, optimizer={"state": 1}, cluster_state=ClusterState(duals, duals), epoch=3,
                           global_step=30, job={"run_id": "r"})
     labels_HN = np.array([[0, 1, 2, -1], [3, 0, 1, 2]], dtype=np.int16)
     shard = ShardState(lo=0, hi=4, ks=tuple(ks), epoch=4, prev_HN=labels_HN, counters=[d.numpy() for d in duals])
     coord = CoordinatorState(ranges=((0, 4),), ks=tuple(ks), shards=(shard,))
-    new_state, new_coord = aligned_checkpoint(state, coord, alignments)
+    method = build_method(_small("secu", ks), 1)
+    prev_state = TrainingState(network=prev, optimizer={}, cluster_state=None, epoch=3, global_step=30, job={})
+    alignments = align_heads(method, (prev_state, coord), (state, coord), ks)
+    assert [a.mapping for a in alignments] == [p.tolist() for p in perms]
+    new_state, new_coord = aligned_checkpoint(state, coord, alignments, method)
     new_shard = new_coord.shards[0]
     for h in range(2):
         # the aligned centers equal the previous run's, and the memory/duals/counters moved with them
         assert torch.allclose(new_state.network[CENTER_KEY.format(head=h)], prev[CENTER_KEY.format(head=h)])
         assert new_shard.prev_HN[h].tolist() == relabel(labels_HN[h], perms[h]).tolist()
+        assert new_state.cluster_state is not None
         for moved in (new_state.cluster_state.duals[h], new_state.cluster_state.counters[h]):
             assert all(moved[perms[h][j]] == duals[h][j] for j in range(ks[h]))
         assert new_shard.counters is not None
@@ -95,3 +108,43 @@ def test_drift_summary_by_hand() -> None:
     flat = drift_metrics(summary)
     assert flat["drift/h0/changed_frac"] == 0.25 and flat["drift/h0/appeared"] == 1.0
     assert flat["drift/images_common"] == 4.0
+
+
+def test_label_overlap_matching_recovers_a_relabelling_with_noise_and_new_ids() -> None:
+    rng = np.random.default_rng(4)
+    k = 6
+    prev_N = rng.integers(0, k, size=500)
+    perm = rng.permutation(k)  # new cluster j is previous cluster perm[j]
+    inverse = np.argsort(perm)
+    new_N = np.concatenate([inverse[prev_N], rng.integers(0, k, size=50)])  # 50 images the previous run never saw
+    noisy = rng.random(500) < 0.1
+    new_N[:500][noisy] = rng.integers(0, k, size=int(noisy.sum()))
+    prev_N[:5] = -1
+    mapping, kept = match_labels(prev_N, new_N, k)
+    assert mapping.tolist() == perm.tolist()
+    assert bool((kept > 0.8).all() and (kept <= 1).all())
+
+
+def test_a_method_without_centers_aligns_by_labels_and_permutes_its_per_cluster_rows() -> None:
+    ks = [3]
+    exp = _small("drc", ks)
+    method = build_method(exp, 1)
+    network = method.state_dict()["network"]
+    axes = method.cluster_axes(0)
+    assert method.center_key(0) is None and axes
+    prev_HN = np.array([[0, 0, 1, 1, 2, 2]], dtype=np.int16)
+    new_HN = np.array([[2, 2, 0, 0, 1, 1]], dtype=np.int16)  # new 2 = old 0, new 0 = old 1, new 1 = old 2
+
+    def run(labels_HN: np.ndarray) -> tuple[TrainingState, CoordinatorState]:
+        shard = ShardState(lo=0, hi=6, ks=tuple(ks), epoch=2, prev_HN=labels_HN)
+        return (TrainingState(network=network, optimizer={}, cluster_state=None, epoch=1, global_step=2, job={}),
+                CoordinatorState(ranges=((0, 6),), ks=tuple(ks), shards=(shard,)))
+
+    alignments = align_heads(method, run(prev_HN), run(new_HN), ks)
+    assert alignments[0].mapping == [1, 2, 0] and alignments[0].mean_similarity == 1.0
+    state, coord = aligned_checkpoint(*run(new_HN), alignments, method)
+    assert state.cluster_state is None
+    assert coord.shards[0].prev_HN.tolist() == prev_HN.tolist()
+    for key, axis in axes.items():  # row j of the new run's head now sits at its stable id mapping[j]
+        for j, stable in enumerate(alignments[0].mapping):
+            assert torch.equal(state.network[key].select(axis, stable), network[key].select(axis, j))

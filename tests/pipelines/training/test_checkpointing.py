@@ -22,7 +22,6 @@ from pipelines.training.checkpointing import (
     META_FILE,
     MODEL_FILE,
     TrainingState,
-    build_network,
     checkpoint_at,
     find_latest_checkpoint,
     list_checkpoints,
@@ -37,6 +36,7 @@ from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.training.memory import AssignmentMemory
 from pipelines.training.warm_start import prepare_warm_start
+from secu.network import build_network
 from secu.recipes import recipe
 from tests.pipelines.training.memory_builders import assert_same
 
@@ -131,7 +131,7 @@ def test_an_old_checkpoint_is_found_and_read_on_storage(tmp_path: Path) -> None:
     assert_old_values(*read_checkpoint(ref), network)
     loaded = load_checkpoint(ref)
     assert loaded.epoch == 0 and loaded.history == HISTORY and list(loaded.job.experiment.secu.ks) == KS
-    assert torch.equal(loaded.network.state_dict()["centers.weights.0"], network["centers.weights.0"])
+    assert torch.equal(loaded.method.state_dict()["network"]["centers.weights.0"], network["centers.weights.0"])
 
 
 def test_an_old_checkpoint_warm_starts_a_run(tmp_path: Path) -> None:

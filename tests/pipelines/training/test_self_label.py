@@ -41,7 +41,7 @@ def test_self_label_starts_from_the_run_checkpoints_and_resumes(tmp_path: Path, 
     assert state.job["run_id"] == "base-sl" and state.job["history"][0]["stage"] == "self_label"
     assert 0.5 <= state.job["history"][0]["self_label/confident_frac"] <= 1.0
     # Only the encoder and head 0's centers moved; the other heads are the source's.
-    src = source.network.state_dict()
+    src = source.method.state_dict()["network"]
     assert not torch.equal(state.network["centers.weights.0"], src["centers.weights.0"])
     assert torch.equal(state.network["centers.weights.1"], src["centers.weights.1"])
     assert load_coordinator_state(first[0].location.root).epoch == 4  # the source's, carried over for warm starts

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from pipelines.storage import Storage
-from pipelines.training.checkpointing import TrainingState, build_network, checkpoint_at, save_checkpoint
+from pipelines.training.checkpointing import TrainingState, checkpoint_at, save_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.training.memory import AssignmentMemory, shard_ranges
 from pipelines.training.warm_start import prepare_warm_start
+from secu.network import build_network
 from secu.recipes import recipe
 from secu.state import ClusterState
 from tests.pipelines.training.memory_builders import close_epoch
