@@ -27,8 +27,9 @@ Choices where the paper leaves room, or that deviate from it (stated):
   empty cluster keeps its previous center (``secu.kmeans``).
 - The target network's BatchNorm running statistics are averaged over ranks before each k-means pass, so
   every rank embeds with the same network (each rank's target sees only its own batches).
-- SGD only (``optim.optimizer`` must be ``sgd``); the encoder's own ``model.predictor`` is not built
-  (ProPos's predictor is ``propos.predictor_hidden`` wide).
+- The optimizer is ``optim.optimizer``: SGD (the paper's CIFAR/STL setting) or ``secu.optim.LARS`` (its
+  ImageNet setting), the predictor's group at ``propos.predictor_lr_mult`` x lr. The encoder's own
+  ``model.predictor`` is not built (ProPos's predictor is ``propos.predictor_hidden`` wide).
 
 Distributed: every rank computes L_psl identically from all-reduced prototype sums and counts; the gradient
 reaching this rank's rows is that of L_psl over the concatenated batch, and DDP averages the parameter
@@ -59,6 +60,7 @@ from secu.kmeans import kmeans
 from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
 from secu.model import Encoder
 from secu.network import confident_clusters
+from secu.optim import LARS
 from secu.precision import autocast_dtype
 from secu.schedules import warmup_cosine
 
@@ -186,19 +188,18 @@ class ProPosMethod(ClusteringMethod):
     needs_feature_pass = True
 
     def __init__(self, exp: ExperimentConfig, iters_per_epoch: int, device: torch.device | None = None) -> None:
-        if exp.optim.optimizer != "sgd":
-            raise ValueError(f"method=propos trains with SGD; optim.optimizer={exp.optim.optimizer!r}: set "
-                             "optim.optimizer=sgd")
         self.exp, self.cfg = exp, exp.propos
         self.device = device or torch.device("cpu")
         torch.manual_seed(exp.seed)
         self.base = ProPosNetwork(exp).to(self.device)
         self.online: nn.Module = self.base.online
         optim = exp.optim
-        self.optimizer = torch.optim.SGD(
-            [{"params": list(self.base.online.encoder.parameters())},
-             {"params": list(self.base.online.predictor.parameters())}],
-            lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        groups: list[dict[str, Any]] = [{"params": list(self.base.online.encoder.parameters()), "name": "encoder"},
+                                        {"params": list(self.base.online.predictor.parameters()), "name": "predictor"}]
+        self.optimizer: torch.optim.Optimizer = (
+            LARS(groups, lr=optim.lr, weight_decay=optim.weight_decay, momentum=optim.momentum)
+            if optim.optimizer == "lars" else
+            torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay))
         self.iters_per_epoch = iters_per_epoch
         self.lrs = warmup_cosine(iters_per_epoch, optim)
         self.global_step = 0
@@ -238,7 +239,7 @@ class ProPosMethod(ClusteringMethod):
                 normalize(batch["view2"].to(self.device, non_blocking=True), mean, std))
 
     def train_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
-        """L_psa + lambda L_psl on the two views, one SGD step, one EMA step of the target; stores no labels."""
+        """L_psa + lambda L_psl on the two views, one optimizer step, one EMA step of the target; stores no labels."""
         t = self._schedule_index()
         lr = float(self.lrs[t])
         self.optimizer.param_groups[0]["lr"] = lr

@@ -320,3 +320,21 @@ def test_errors_and_the_skipped_pass() -> None:
     method.sums = [float("nan"), 0.0, 0.0]
     with pytest.raises(FloatingPointError, match="optim.lr"):
         method.after_epoch()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_a_step_sets_both_learning_rates_and_moves_the_target(optimizer: str) -> None:
+    exp = tiny_exp()
+    exp.optim.optimizer = optimizer
+    method = ProPosMethod(exp, iters_per_epoch=4)
+    method.before_epoch(0, EpochContext())
+    target_before = [p.clone() for p in method.base.target.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    views = {v: torch.randint(0, 256, (8, 1, 28, 28), generator=gen, dtype=torch.uint8) for v in ("view1", "view2")}
+    with one_thread():
+        out = method.train_step({"sample_index": torch.arange(8), **views}, torch.full((1, 8), -1))
+    assert out.labels_HB is None
+    lr = float(method.lrs[0])
+    assert [g["lr"] for g in method.optimizer.param_groups] == [lr, lr * exp.propos.predictor_lr_mult]
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, method.base.target.parameters(), strict=True))
+    assert math.isfinite(method.sums[1]) and method.sums[2] == 0.0  # no labels yet: L_psl = 0
