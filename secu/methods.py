@@ -25,6 +25,14 @@ _CLASSES = {"secu": ("secu.secu_method", "SeCuMethod"), "propos": ("secu.propos"
             "drc": ("secu.drc", "DRCMethod"), "pfca": ("secu.pfca", "PFCAMethod")}
 assert tuple(_CLASSES) == METHODS
 
+INFERENCE_RULES = {
+    "secu": "cluster = argmax_k z . C_h; confidence = softmax(z . C_h / tw) of that cluster",
+    "propos": "cluster = argmax_k cos(target projection, k-means center k); confidence = softmax(cos / temperature)",
+    "drc": "cluster = argmax_k of the head's softmax (assignment probability); confidence = that probability",
+    "pfca": "cluster = argmax_k Q(x) (the classifier); confidence = softmax(Q(x)) of that cluster",
+}
+"""How each method's ``assign`` turns an image into a cluster and a confidence (for the metrics' protocol)."""
+
 
 def method_class(name: str) -> type[ClusteringMethod]:
     """The class of the method ``name`` (imported on first use)."""

@@ -25,6 +25,7 @@ from pipelines.outputs.schema import cluster_column, confidence_column, similari
 from pipelines.storage import Storage, join
 from pipelines.training.metrics_log import HISTORY_FILE
 from secu.diagnose import collapse_message
+from secu.methods import INFERENCE_RULES
 from secu.metrics import evaluate_clustering, size_stats
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,8 @@ def evaluate_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME
         "primary_head": primary,
         "checkpoint": marker["checkpoint"],
         "checkpoint_epoch": marker["checkpoint_epoch"],
-        "assignment": "cluster = argmax_k z . C_h; confidence = softmax(z . C_h / tw) of that cluster",
+        "method": marker.get("method", "secu"),
+        "assignment": INFERENCE_RULES[marker.get("method", "secu")],
         "transform": TRANSFORM,
         "metrics": "ACC: Hungarian matching on the contingency table; NMI: arithmetic normalisation; ARI"
                    if labelled else "no labels: cluster sizes and confidence only",
