@@ -56,10 +56,10 @@ class LocalRun:
 
 
 def epoch_batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
-             seed: int, inputs: tuple[str, ...], transform: EvalTransform) -> Iterator[Batch]:
+                  seed: int, inputs: tuple[str, ...], transform: EvalTransform) -> Iterator[Batch]:
     """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``;
     ``image`` (the evaluation transform) where the method's ``batch_inputs`` ask for it."""
-    iters = len(images) // batch
+    iters = len(order) // batch
     for it in range(iters):
         ids = order[it * batch:(it + 1) * batch]
         chosen = [images[i] for i in ids.tolist()]
