@@ -25,6 +25,9 @@ _CLASSES = {"secu": ("secu.secu_method", "SeCuMethod"), "propos": ("secu.propos"
             "drc": ("secu.drc", "DRCMethod"), "pfca": ("secu.pfca", "PFCAMethod")}
 assert tuple(_CLASSES) == METHODS
 
+DISPLAY_NAMES = {"secu": "SeCu", "propos": "ProPos", "drc": "DRC", "pfca": "PFCA"}
+"""How reports and logs write each method's name."""
+
 INFERENCE_RULES = {
     "secu": "cluster = argmax_k z . C_h; confidence = softmax(z . C_h / tw) of that cluster",
     "propos": "cluster = argmax_k cos(target projection, k-means center k); confidence = softmax(cos / temperature)",

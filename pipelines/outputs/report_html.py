@@ -20,6 +20,7 @@ from PIL import Image
 from pipelines.outputs.report_data import ClusterView, ReportData
 from pipelines.outputs.svg_charts import bar_chart, heatmap, line_chart
 from pipelines.outputs.thumbnails import thumb_name
+from secu.methods import DISPLAY_NAMES
 
 _MAX_SVG_CELLS = 2_000
 _MAX_BARS = 1_000
@@ -80,8 +81,9 @@ def _curves(history: list[dict[str, Any]], head: int) -> str:
     def series(key: str) -> list[tuple[float, float | None]]:
         return [(float(e["epoch"]), e.get(key)) for e in history if "epoch" in e]
 
-    losses: dict[str, Sequence[tuple[float, float | None]]] = {
-        k.split("/")[-1]: series(k) for k in ("train/loss", "train/loss_center", "train/loss_repr")}
+    # Every loss term the method logs (SeCu: loss, loss_center, loss_repr; ProPos: loss_psa, loss_psl; ...).
+    terms = sorted({k for e in history for k in e if k.startswith("train/loss")}, key=lambda k: (k != "train/loss", k))
+    losses: dict[str, Sequence[tuple[float, float | None]]] = {k.split("/")[-1]: series(k) for k in terms}
     losses["self-labeling"] = series("self_label/loss")
     charts = [line_chart(losses, "training loss", y_label="loss"),
               # Both high after the warm-up: the size-constraint duals cycle (train_loop.warn_if_duals_cycle).
@@ -101,8 +103,9 @@ def _drift_section(drift: dict[str, Any], head: int) -> str:
     images = drift.get("images", {})
     parts = [f"<p class=meta>Compared with run <b>{escape(str(drift['previous_run_id']))}</b> on "
              f"{escape(str(drift.get('source', '')))} labels: {images.get('common', 0)} images in both runs, "
-             f"{images.get('only_current', 0)} new. Cluster ids are the previous run's (centers matched by the "
-             "Hungarian algorithm on cosine similarity).</p>",
+             f"{images.get('only_current', 0)} new. Cluster ids are the previous run's (matched by the "
+             "Hungarian algorithm on the cosine similarity of the centers, or on the overlap of the two runs' labels "
+             "for a method without centers).</p>",
              "<table><tr><th>head</th><th>K</th><th>compared</th><th>changed cluster</th><th>appeared</th>"
              "<th>vanished</th><th>size TV distance</th><th>center match (mean cos)</th></tr>"]
     for row in drift.get("heads", []):
@@ -185,7 +188,8 @@ def render_index(data: ReportData, page_size: int, out_dir: str) -> str:
     """
     sizes_K, table_CK = data.sizes_K, data.table_CK
     m, p = data.marker, data.evaluation["protocol"]
-    parts = [f"<h1>SeCu clusters of run {escape(data.run_id)}</h1>",
+    title = DISPLAY_NAMES.get(str(m.get("method", "secu")), str(m.get("method")))
+    parts = [f"<h1>{escape(title)} clusters of run {escape(data.run_id)}</h1>",
              f'<p class=meta>output <b>{escape(data.name)}</b>: {data.n} images of dataset '
              f'<b>{escape(str(m["dataset"]))}</b> (splits {escape(", ".join(p["splits"]) or "unknown")}; trained on '
              f'{escape(str(m.get("train_dataset")))}), checkpoint <code>{escape(str(m["checkpoint"]))}</code> '
@@ -211,7 +215,7 @@ def render_index(data: ReportData, page_size: int, out_dir: str) -> str:
         largest = [data.views[int(c)] for c in np.argsort(-sizes_K, kind="stable")[:10]]
         parts += [f"<p>Table pages ({page_size} clusters each): {links}</p>", "<h3>Largest clusters</h3>",
                   _cluster_rows(largest, data.keys, data.available, data.n, "", data.labelled)]
-    return _page(f"SeCu report {data.run_id}", "\n".join(parts))
+    return _page(f"{title} report {data.run_id}", "\n".join(parts))
 
 
 def render_table_page(data: ReportData, chunk: list[ClusterView], page: int, pages: int) -> str:

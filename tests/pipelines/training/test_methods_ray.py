@@ -1,7 +1,7 @@
 """ProPos, DRC and PFCA through the real product on a local Ray cluster: Ray Data streaming into 2 Ray Train
 workers (gloo), the coordinator as the label store, a stop and a resume from the checkpoint, a killed worker
-(ProPos, whose k-means pass runs over a dataset of its own), inference to the common Parquet schema and the
-evaluation of the published labels."""
+(ProPos, whose k-means pass runs over a dataset of its own), inference to the common Parquet schema, the
+evaluation of the published labels and the report."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from pipelines.outputs.assignments import read_assignments
-from pipelines.outputs.evaluation import evaluate_assignments
+from pipelines.outputs.evaluation import evaluate_assignments, write_metrics
 from pipelines.outputs.inference import InferenceOptions, run_inference
+from pipelines.outputs.report import ReportOptions, build_report
 from pipelines.outputs.schema import cluster_column, confidence_column
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import find_latest_checkpoint, load_checkpoint, load_coordinator_state
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.training.trainer import run_training
+from secu.methods import DISPLAY_NAMES
 from secu.recipes import recipe
 from tests.pipelines.run_builders import make_dataset
 
@@ -75,3 +77,7 @@ def test_method_trains_resumes_and_publishes_on_ray(storage: Storage, method: st
         assert bool(((confidence >= 0) & (confidence <= 1)).all())
     metrics = evaluate_assignments(storage, run_id)
     assert 0.0 <= metrics["heads"][0]["acc"] <= 1.0 and metrics["protocol"]["method"] == method
+    write_metrics(storage, run_id, metrics)
+    report = build_report(storage, run_id, options=ReportOptions(top=2, random=1))
+    index = storage.read_bytes(storage.join("runs", run_id, "report", "index.html")).decode()
+    assert report.clusters == ks[0] and f"{DISPLAY_NAMES[method]} clusters of run {run_id}" in index
