@@ -1,7 +1,9 @@
-"""Train SeCu on an ingested dataset: ``python -m jobs.train`` (also under ``ray job submit``).
+"""Train a clustering method (SeCu unless `method` says otherwise) on an ingested dataset: ``python -m jobs.train``
+(also under ``ray job submit``).
 
 Examples:
     python -m jobs.train --recipe fashion-mnist-cpu --dataset fashion-mnist --storage ./data
+    python -m jobs.train --recipe fashion-mnist-cpu-propos --dataset fashion-mnist --storage ./data --run-id pp
     python -m jobs.train --config my.yaml --set optim.epochs=20 --set compute.num_workers=4 \\
         --storage s3://bucket/secu --s3-endpoint http://127.0.0.1:9000 --run-id nightly
 
