@@ -55,7 +55,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +64,7 @@ from torch import nn
 from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
 from secu.method_configs import DRCConfig
 from secu.model import build_backbone
 from secu.precision import autocast_dtype
@@ -185,7 +184,7 @@ def backward_scale() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-class DRCMethod(ClusteringMethod):
+class DRCMethod(OneNetworkMethod[DRCNetwork]):
     """DRC's per-step training: one forward of both views, the objective on the global batch, one SGD step."""
 
     name = "drc"
@@ -280,18 +279,6 @@ class DRCMethod(ClusteringMethod):
                 f"epoch {self.epoch}: the DRC training loss is {metrics['train/loss']}; lower optim.lr "
                 "(or raise drc.t_sample / drc.t_cluster)")
         return EpochSummary(metrics=metrics, cluster_state=None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``network`` (unwrapped, on CPU), ``optimizer``, ``cluster_state`` (None) and ``global_step``."""
-        return {"network": {k: v.detach().cpu() for k, v in self.base.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "cluster_state": None, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The network always; optimizer and global step when present (not in a warm start)."""
-        self.base.load_state_dict(state["network"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.global_step = int(state.get("global_step", 0))
 
     def cluster_axes(self, head: int) -> dict[str, int]:
         """Head h's linear layer: weight (K x F) and bias (K), one row per cluster."""

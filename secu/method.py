@@ -29,7 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -166,3 +166,36 @@ class ClusteringMethod(ABC):
     @abstractmethod
     def assign(self, images: torch.Tensor) -> Assignment:
         """Inference on normalised evaluation images [B, C, S, S] (eval mode, no gradient, the method's device)."""
+
+
+NetT = TypeVar("NetT", bound=nn.Module)
+
+
+class OneNetworkMethod(ClusteringMethod, Generic[NetT]):
+    """A method whose networks are one module ``base`` stepped by one ``optimizer`` (SeCu, ProPos, DRC): the
+    checkpoint layout of ``ClusteringMethod.state_dict`` written once. Subclasses set ``base``, ``optimizer`` and
+    ``global_step`` and override ``_cluster_state``/``_load_cluster_state`` if they have cluster state."""
+
+    base: NetT
+    optimizer: torch.optim.Optimizer
+    global_step: int
+
+    def _cluster_state(self) -> ClusterState | None:
+        return None
+
+    def _load_cluster_state(self, state: ClusterState | None) -> None:
+        """Take the checkpoint's cluster state (methods without one ignore it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """``network`` (unwrapped, copied to the CPU), ``optimizer``, ``cluster_state`` and ``global_step``."""
+        return {"network": {k: v.detach().to("cpu", copy=True) for k, v in self.base.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "cluster_state": self._cluster_state(),
+                "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The network and cluster state always; the optimizer and global step when present (not in a warm start)."""
+        self.base.load_state_dict(state["network"])
+        self._load_cluster_state(state.get("cluster_state"))
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state.get("global_step", 0))

@@ -57,7 +57,7 @@ from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.kmeans import kmeans
-from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
 from secu.model import Encoder
 from secu.network import confident_clusters
 from secu.optim import LARS
@@ -181,7 +181,7 @@ class ProPosNetwork(nn.Module):
             p_t.mul_(momentum).add_(p_o.detach(), alpha=1.0 - momentum)
 
 
-class ProPosMethod(ClusteringMethod):
+class ProPosMethod(OneNetworkMethod[ProPosNetwork]):
     """ProPos's per-step training (``iters_per_epoch`` steps an epoch) and its k-means label pass."""
 
     name = "propos"
@@ -351,19 +351,6 @@ class ProPosMethod(ClusteringMethod):
             **self.kmeans_metrics,
         }
         return EpochSummary(metrics=metrics, cluster_state=None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``network`` (online, predictor, target, centers; on CPU), ``optimizer``, ``cluster_state`` (None),
-        ``global_step``."""
-        return {"network": {k: v.detach().cpu() for k, v in self.base.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "cluster_state": None, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The network always; the optimizer and global step when present (not in a warm start)."""
-        self.base.load_state_dict(state["network"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.global_step = int(state.get("global_step", 0))
 
     def cluster_axes(self, head: int) -> dict[str, int]:
         """Head h's centers (D x K): one column per cluster."""

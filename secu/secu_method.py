@@ -7,7 +7,6 @@ Legend: B = batch, H = heads, K = clusters of one head.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
+from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
 from secu.network import SeCuNetwork, confident_clusters
 from secu.optim import build_optimizer, set_learning_rates
 from secu.precision import autocast_dtype
@@ -28,7 +27,7 @@ CENTER_KEY = "centers.weights.{head}"
 """Key of head h's center matrix W_h (D x K) in the network's state dict (``secu.centers.Centers``)."""
 
 
-class SeCuMethod(ClusteringMethod):
+class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
     """SeCu's per-step training with the per-iteration schedules of ``iters_per_epoch`` steps an epoch."""
 
     name = "secu"
@@ -123,19 +122,13 @@ class SeCuMethod(ClusteringMethod):
         self.state = self.state.at_epoch_end(self.exp.secu.constraint)
         return summary
 
-    def state_dict(self) -> dict[str, Any]:
-        """``network`` (unwrapped, on CPU), ``optimizer``, ``cluster_state`` and ``global_step``."""
-        return {"network": {k: v.detach().cpu() for k, v in self.base.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "cluster_state": self.state,
-                "global_step": self.global_step}
+    def _cluster_state(self) -> ClusterState | None:
+        return self.state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Network and cluster state always; optimizer and global step when present (not in a warm start)."""
-        self.base.load_state_dict(state["network"])
-        self.state = state["cluster_state"]
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.global_step = int(state.get("global_step", 0))
+    def _load_cluster_state(self, state: ClusterState | None) -> None:
+        if state is None:
+            raise ValueError("a SeCu checkpoint without cluster state (counters and duals): not a SeCu run's")
+        self.state = state
 
     def cluster_axes(self, head: int) -> dict[str, int]:
         """Head h's center matrix W_h (D x K): one column per cluster."""
