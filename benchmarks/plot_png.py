@@ -2,6 +2,7 @@
 
     python -m benchmarks.plot_png history OUT.png RUN_DIR[=LABEL] ...   # per-epoch ACC of each run's memory
     python -m benchmarks.plot_png scaling OUT.png benchmarks/results/scaling.json      # also written by scaling
+    python -m benchmarks.plot_png methods OUT.png benchmarks/results/methods.json      # test ACC per epoch
 
 ``history`` reads ``runs/<id>/train_history.json`` (the training loop's per-epoch metrics) and plots
 ``clusters/h0/acc`` (ACC of head 0's assignment memory against the manifest labels) per epoch.
@@ -107,10 +108,29 @@ def scaling_png(out: str | Path, result: dict) -> None:
                dashed=[False, True])
 
 
+def methods_png(out: str | Path, result: dict) -> None:
+    """Test-subset ACC after every epoch of each method's seed-0 run against its training time, and k-means
+    (dashed), from ``benchmarks.methods``' JSON."""
+    series: list[Series] = []
+    for method, runs in result["runs"].items():
+        if method == "kmeans" or not runs:
+            continue
+        run = min(runs, key=lambda r: r["seed"])
+        accs = run["per_epoch_acc"]
+        xs = [run["train_s"] * (e + 1) / len(accs) for e in range(len(accs))]
+        series.append((f"{method} (seed {run['seed']})", xs, accs))
+    budget = float(result["config"]["budget_s"])
+    kmeans = float(result["summary"]["kmeans"]["acc"]["median"])
+    series.append(("k-means on pixels (median)", [0.0, budget], [kmeans, kmeans]))
+    line_chart(out, series, title="Fashion-MNIST: test ACC (head 0, K = 10) during training, same time budget",
+               xlabel="training seconds (one CPU thread)", ylabel="ACC", y_range=(0.0, 1.0),
+               dashed=[False] * (len(series) - 1) + [True])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 3 or args[0] not in ("history", "scaling"):
+    if len(args) < 3 or args[0] not in ("history", "scaling", "methods"):
         print(__doc__, file=sys.stderr)
         return 2
     kind, out, inputs = args[0], args[1], args[2:]
@@ -121,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             series.append(history_series(run_dir, label or Path(run_dir).name))
         line_chart(out, series, title="SeCu on Fashion-MNIST: ACC of the assignment memory (head K = 10) per epoch",
                    xlabel="epoch", ylabel="ACC", y_range=(0.0, 1.0))
+    elif kind == "methods":
+        methods_png(out, json.loads(Path(inputs[0]).read_text()))
     else:
         scaling_png(out, json.loads(Path(inputs[0]).read_text()))
     print(f"written: {out}")
