@@ -45,3 +45,35 @@ class MetricsLog:
                 "clusters/h0/min_size_frac", "clusters/h0/max_size_frac", "clusters/h0/changed_frac",
                 "clusters/h0/acc", "clusters/h0/nmi"]
         return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row and isinstance(row[k], int | float))
+
+
+def progress_line(epoch: int, epochs: int, steps: int, steps_per_epoch: int, global_batch: int,
+                  epoch_elapsed_s: float, seconds_per_epoch: float | None) -> str:
+    """``epoch 3/12 step 50/234 (21%), 812 img/s, epoch left 3m47s, run left 41m``: where a run stands, for the
+    training log line every ``compute.log_every`` steps.
+
+    Args:
+        epoch: the running epoch (0-based); ``epochs``: the run's total.
+        steps: steps done in this epoch; ``steps_per_epoch``: steps an epoch makes (per rank).
+        global_batch: images per step over all ranks.
+        epoch_elapsed_s: seconds since the epoch began.
+        seconds_per_epoch: the mean length of this run's finished epochs (None before the first one ends: the
+            run's time left is then extrapolated from this epoch's pace).
+    """
+    rate = steps / max(epoch_elapsed_s, 1e-9)
+    epoch_left = max(0, steps_per_epoch - steps) / max(rate, 1e-9)
+    per_epoch = seconds_per_epoch if seconds_per_epoch is not None else steps_per_epoch / max(rate, 1e-9)
+    run_left = epoch_left + per_epoch * max(0, epochs - epoch - 1)
+    share = 100 * steps / max(steps_per_epoch, 1)
+    return (f"epoch {epoch + 1}/{epochs} step {steps}/{steps_per_epoch} ({share:.0f}%), "
+            f"{rate * global_batch:.0f} img/s, epoch left {_duration(epoch_left)}, run left {_duration(run_left)}")
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m47s``, ``1h05m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

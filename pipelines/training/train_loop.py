@@ -40,7 +40,7 @@ from pipelines.training.checkpointing import (
 )
 from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.job_config import TrainJobConfig
-from pipelines.training.metrics_log import MetricsLog
+from pipelines.training.metrics_log import MetricsLog, progress_line
 from pipelines.training.warm_start import WarmStart
 from secu import distributed
 from secu.diagnose import collapsed_heads, warn_if_duals_cycle
@@ -221,10 +221,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, exp.optim.epochs):
         t_epoch = time.perf_counter()
         coordinator.begin_epoch(epoch)
+        finished = [float(r["time/epoch_s"]) for r in history.to_list() if "time/epoch_s" in r]
+        per_epoch = sum(finished) / len(finished) if finished else None
 
-        def on_step(steps: int, epoch: int = epoch) -> None:
+        def on_step(steps: int, epoch: int = epoch, t_epoch: float = t_epoch, per_epoch: float | None = per_epoch
+                    ) -> None:
             if steps % job.compute.log_every == 0:
-                log.info("epoch %d step %d/%d %s", epoch, steps, iters_per_epoch, method.progress())
+                log.info("%s; %s", progress_line(epoch, exp.optim.epochs, steps, iters_per_epoch,
+                                                 job.local_batch_size * world, time.perf_counter() - t_epoch,
+                                                 per_epoch), method.progress())
             if rank == min(1, world - 1):
                 _maybe_fire_fault(job, inputs.storage, "worker", epoch, steps, coordinator)
             if rank == 0:
