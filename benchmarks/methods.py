@@ -25,7 +25,7 @@ No setting was chosen by the label metrics; they are reported only.
 
     python -m benchmarks.methods                                  # 4 methods x 3 seeds, 300 s each (~45 min)
     python -m benchmarks.methods --methods secu drc --seeds 1     # some of them
-    python -m benchmarks.methods --quick                          # smoke test (< 2 minutes)
+    python -m benchmarks.methods --quick                          # smoke test: ProPos and DRC (about 1 minute)
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def one_run(method: str, seed: int, budget_s: float, train_n: int, quick: bool) 
     x_train, y_train = fashion("train")
     x_test, y_test = fashion("test")
     if quick:
-        x_test, y_test = x_test[:1000], y_test[:1000]
+        x_test, y_test = x_test[:500], y_test[:500]
     chosen = balanced_subset(y_train, train_n, seed)
     images = x_train[chosen]
     exp, per_epoch = experiment(method, seed, budget_s, images, quick)
@@ -175,7 +175,7 @@ def kmeans_run(seed: int, train_n: int, quick: bool) -> dict[str, Any]:
     x_train, y_train = fashion("train")
     x_test, y_test = fashion("test")
     if quick:
-        x_test, y_test = x_test[:1000], y_test[:1000]
+        x_test, y_test = x_test[:500], y_test[:500]
     return {"method": BASELINE, "seed": seed,
             "test": kmeans_figures(x_train[balanced_subset(y_train, train_n, seed)], x_test, y_test, 10, seed)}
 
@@ -191,15 +191,17 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(NAME, __doc__)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                        help="default: all four (quick: propos and drc, the feature-pass and the plain path)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; quick 1)")
     parser.add_argument("--budget-s", type=float, default=None, help="training seconds per run (default 300)")
     parser.add_argument("--train-n", type=int, default=None, help="training images (default 20000)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes of 1 thread)")
     args = parser.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
-    budget = args.budget_s or (15.0 if args.quick else 300.0)
-    train_n = args.train_n or (1000 if args.quick else 20000)
+    args.methods = args.methods or (["propos", "drc"] if args.quick else list(METHODS))
+    budget = args.budget_s or (8.0 if args.quick else 300.0)
+    train_n = args.train_n or (600 if args.quick else 20000)
     result = start_result(NAME, args)
     load = LoadProbe()
     done_path = args.out.with_suffix(".runs.jsonl")  # a rerun with the same --out keeps the finished runs

@@ -185,3 +185,12 @@ def test_robustness_quick(tmp_path: Path) -> None:
     assert run["n"] == 192 and sum(run["published_sizes"]) == 192
     for who in ("secu", "kmeans", "secu_memory"):
         assert 0.0 <= run[who]["acc"] <= 1.0 and 0.0 <= run[who]["nmi"] <= 1.0
+
+
+def test_methods_quick(tmp_path: Path) -> None:
+    data = run_quick("methods", tmp_path)
+    assert set(data["summary"]) == {"propos", "drc", "kmeans"}
+    for method in ("propos", "drc"):
+        (run,) = data["runs"][method]
+        assert run["epochs"] >= 2 and len(run["per_epoch_acc"]) == run["epochs"]
+        assert 0.0 <= run["test"]["acc"] <= 1.0 and run["train_s"] > 0

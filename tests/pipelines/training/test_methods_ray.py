@@ -1,6 +1,6 @@
 """ProPos, DRC and PFCA through the real product on a local Ray cluster: Ray Data streaming into 2 Ray Train
-workers (gloo), the coordinator as the label store, a stop and a resume from the checkpoint, a killed worker
-(ProPos, whose k-means pass runs over a dataset of its own), inference to the common Parquet schema, the
+workers (gloo), the coordinator as the label store, for ProPos (whose k-means pass runs over a dataset of its
+own) a stop, a resume from the checkpoint and a killed worker, inference to the common Parquet schema, the
 evaluation of the published labels and the report."""
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ def make_job(method: str, run_id: str, *overrides: str) -> TrainJobConfig:
 @pytest.mark.parametrize("method", ["propos", "drc", "pfca"])
 def test_method_trains_resumes_and_publishes_on_ray(storage: Storage, method: str) -> None:
     run_id = f"m-{method}"
+    # ProPos, the method with the most moving parts (a feature pass over a second dataset), also stops after
+    # epoch 0, resumes, and loses a worker in epoch 1; the others train in one go (resume is method-agnostic:
+    # the checkpoint holds ClusteringMethod.state_dict, whose round trip each method's own tests check).
     extra = ["compute.fault_injection=worker:1:2"] if method == "propos" else []
-    first = run_training(make_job(method, run_id, "compute.stop_after_epoch=0", *extra), storage)
-    assert first.epochs_run == 1
+    if method == "propos":
+        first = run_training(make_job(method, run_id, "compute.stop_after_epoch=0", *extra), storage)
+        assert first.epochs_run == 1
     outcome = run_training(make_job(method, run_id, *extra), storage)
     assert outcome.checkpoint_path is not None
     if method == "propos":
         assert storage.exists(storage.join("runs", run_id, "_fault_worker_1_2_fired")), "the fault never fired"
 
     rows = json.loads(storage.read_bytes(storage.join("runs", run_id, "train_history.json")))["epochs"]
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # the resumed and the replayed epochs appear once
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # ProPos: the resumed and the replayed epochs appear once
     assert all(np.isfinite(r["train/loss"]) and r["clusters/h0/labelled_frac"] == 1.0 for r in rows), rows
     memory = load_coordinator_state(outcome.checkpoint_path).labels()
     ks = (3,) if method == "pfca" else (3, 6)
