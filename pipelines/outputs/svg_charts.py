@@ -19,8 +19,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering [lo, hi]."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi <= lo:  # a flat series: a range around its value, so the line sits mid-chart (was: [v, 2v])
+        half = (abs(lo) or 1.0) / 2
+        lo, hi = lo - half, hi + half
     raw = (hi - lo) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)

@@ -148,3 +148,12 @@ def test_rebuilding_replaces_the_report(labelled_run: tuple[Storage, np.ndarray,
     root = Path(storage.path("runs/r/report"))
     assert len(list((root / "thumbs").glob("*.png"))) == 4
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".report-")]
+
+
+def test_a_flat_series_gets_axis_ticks_around_its_value() -> None:
+    from pipelines.outputs.svg_charts import nice_ticks
+
+    ticks = nice_ticks(1.0, 1.0, 5)  # ACC 1.0 every epoch: the line must sit inside the axis, not on its floor
+    assert ticks[0] < 1.0 < ticks[-1] and ticks[-1] - ticks[0] <= 1.5
+    assert nice_ticks(0.0, 0.0)[0] < 0.0 < nice_ticks(0.0, 0.0)[-1]
+    assert nice_ticks(0.2, 0.8, 5)[0] <= 0.2 and nice_ticks(0.2, 0.8, 5)[-1] >= 0.8
