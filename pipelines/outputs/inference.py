@@ -62,7 +62,6 @@ from pipelines.training.checkpointing import (
 from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.method import ClusteringMethod
-from secu.methods import build_method
 from secu.precision import autocast_dtype
 
 __all__ = ["Assigner", "InferenceOptions", "InferenceResult", "published_files", "read_assignments", "run_inference"]
@@ -136,22 +135,20 @@ class Assigner:
     def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
                  use_gpu: bool = False, torch_threads: int = 1) -> None:
         """Load the method of ``checkpoint`` onto this actor's device."""
-        loaded = load_checkpoint(checkpoint)
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("an Assigner was given a GPU but torch sees none: check the CUDA install")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
             torch.set_num_threads(max(1, torch_threads))
+        loaded = load_checkpoint(checkpoint, device=self.device)
         exp = loaded.job.experiment
-        self.method = build_method(exp, iters_per_epoch=1, device=self.device)
-        self.method.load_state_dict(loaded.method.state_dict())
-        self.method.eval()
+        self.method = loaded.method
         self.mean, self.std = exp.augment.mean, exp.augment.std
         self.num_heads = exp.secu.num_heads
         self.use_amp = use_gpu and exp.optim.mixed_precision
         self.amp_dtype = autocast_dtype(self.device)
         self.with_embeddings = with_embeddings
-        dim = embedding_dim(loaded.method, exp) if with_embeddings else None
+        dim = embedding_dim(self.method, exp) if with_embeddings else None
         self.schema = assignment_schema(self.num_heads, dim)
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
 

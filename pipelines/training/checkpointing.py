@@ -263,7 +263,7 @@ def publish_checkpoint(storage: Storage, rel: str, state: TrainingState, coordin
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint's method (its networks in eval mode, CPU), its job config, epoch and training history."""
+    """A checkpoint's method (its networks in eval mode), its job config, epoch and training history."""
 
     method: ClusteringMethod
     job: TrainJobConfig
@@ -271,18 +271,19 @@ class LoadedCheckpoint:
     history: list[dict[str, Any]]
 
 
-def method_from_state(state: TrainingState) -> ClusteringMethod:
-    """The method of a checkpoint's job with the checkpoint's networks and state (eval mode, CPU)."""
-    method = build_method(state.job_config().experiment, iters_per_epoch=1)
+def method_from_state(state: TrainingState, device: torch.device | None = None) -> ClusteringMethod:
+    """The method of a checkpoint's job with the checkpoint's networks and state (eval mode, on ``device``:
+    CPU when None)."""
+    method = build_method(state.job_config().experiment, iters_per_epoch=1, device=device)
     method.load_state_dict({"network": state.network, "cluster_state": state.cluster_state,
                             "global_step": state.global_step})
     return method.eval()
 
 
-def load_checkpoint(ref: CheckpointRef) -> LoadedCheckpoint:
-    """Load the method of a checkpoint (downloading it first when remote)."""
+def load_checkpoint(ref: CheckpointRef, device: torch.device | None = None) -> LoadedCheckpoint:
+    """Load the method of a checkpoint onto ``device`` (CPU when None), downloading it first when remote."""
     with local_checkpoint_dir(ref) as directory:
         state = load_training_state(directory)
     history = state.job.get("history", [])
-    return LoadedCheckpoint(method_from_state(state), state.job_config(), state.epoch,
+    return LoadedCheckpoint(method_from_state(state, device), state.job_config(), state.epoch,
                             list(history) if isinstance(history, list) else [])
