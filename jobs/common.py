@@ -151,10 +151,13 @@ def classify_error(err: BaseException) -> UserFailure | None:
     if _is_ray_error(err):
         return _classify_ray_error(err)
     bad_input = _loaded_class("pipelines.dataset.bad_input", "BadInputError")
+    damaged = _loaded_class("pipelines.training.checkpointing", "CheckpointDamagedError")
     if isinstance(err, LockHeldError):
         return UserFailure(EXIT_LOCKED, "refused", _one_paragraph(err))
     if bad_input is not None and isinstance(err, bad_input):
         return UserFailure(EXIT_USER_ERROR, "bad input", _one_paragraph(err))
+    if damaged is not None and isinstance(err, damaged):
+        return UserFailure(EXIT_USER_ERROR, "damaged checkpoint", _one_paragraph(err))
     if isinstance(err, FileNotFoundError):
         return UserFailure(EXIT_USER_ERROR, "not found", _one_paragraph(err))
     if isinstance(err, ValueError):

@@ -11,21 +11,28 @@ Atomic creation:
   moto refuse it with 412 when the object exists. The content is read back afterwards, so an endpoint
   that ignores the condition is caught in all but a few-millisecond window.
 
-A lock whose ``expires`` time has passed, or whose holder was a process on this host that no longer
-runs (``holder_is_gone``), belongs to a holder that died without releasing it: the next acquirer
-deletes it (logged) and creates its own. Taking over an expired lock is not atomic (two
-acquirers that both find the same expired lock can both delete it); the expiry is chosen far longer
-than a run, so that only happens after a crash. ``release`` deletes the lock only when it still holds
-this owner's id.
+A holder renews its lock every ``heartbeat_s`` seconds from a background thread (the ``heartbeat``
+field); a lock whose heartbeat is older than ``lease_s`` (default 10 heartbeats), whose ``expires`` time
+has passed, or whose holder was a process on this host that no longer runs (``holder_is_gone``),
+belongs to a holder that died without releasing it, on any host: the next acquirer deletes it (logged)
+and creates its own. Locks written before heartbeats existed have no ``heartbeat`` and wait for
+``expires``. A holder that finds its lock gone or taken over stops renewing it and logs a warning.
+
+Taking over an abandoned lock is not atomic (two acquirers that both find the same abandoned lock can
+both delete it); that needs a crash first. A holder that cannot reach storage for a whole lease (10
+heartbeats, 5 minutes by default) loses its lock to the next acquirer. ``release`` deletes the lock only
+when it still holds this owner's id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -53,13 +60,24 @@ class LockInfo:
     """Unix time of creation."""
     expires: float
     """Unix time after which the lock counts as abandoned."""
+    heartbeat: float | None = None
+    """Unix time of the holder's last renewal (None: a lock written before heartbeats)."""
+    lease_s: float | None = None
+    """A heartbeat older than this many seconds means the holder is gone."""
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds past the lease since the last heartbeat (> 0: the holder is gone), None without one."""
+        if self.heartbeat is None or self.lease_s is None:
+            return None
+        return now - self.heartbeat - self.lease_s
 
     def describe(self) -> str:
         """Human-readable holder and times (for error messages)."""
         def iso(t: float) -> str:
             return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-        return f"owner {self.owner}, {self.purpose}, since {iso(self.created)}, expires {iso(self.expires)}"
+        beat = "" if self.heartbeat is None else f", last heartbeat {iso(self.heartbeat)}"
+        return f"owner {self.owner}, {self.purpose}, since {iso(self.created)}{beat}, expires {iso(self.expires)}"
 
     def to_bytes(self) -> bytes:
         """JSON encoding stored in the lock object."""
@@ -70,7 +88,9 @@ class LockInfo:
         """Parse a lock object; None when it is not a lock written by this module."""
         try:
             raw: dict[str, Any] = json.loads(data.decode("utf-8"))
-            return cls(str(raw["owner"]), str(raw["purpose"]), float(raw["created"]), float(raw["expires"]))
+            beat, lease = raw.get("heartbeat"), raw.get("lease_s")
+            return cls(str(raw["owner"]), str(raw["purpose"]), float(raw["created"]), float(raw["expires"]),
+                       None if beat is None else float(beat), None if lease is None else float(lease))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
@@ -97,14 +117,40 @@ def holder_is_gone(info: LockInfo) -> bool:
     return False
 
 
-class StorageLock:
-    """``with StorageLock(storage, rel, ttl_s=..., purpose=...):`` holds the lock object at ``rel``."""
+HEARTBEAT_S = 30.0
+"""Default seconds between a holder's renewals."""
+LEASE_BEATS = 10
+"""Default lease: a holder silent for this many heartbeats is gone."""
 
-    def __init__(self, storage: Storage, rel: str, *, ttl_s: float, purpose: str) -> None:
-        if ttl_s <= 0:
-            raise ValueError(f"lock ttl_s={ttl_s} must be positive")
+
+def abandoned_because(info: LockInfo, now: float) -> str | None:
+    """Why the lock's holder counts as gone (expired, silent past its lease, its process gone), else None."""
+    if info.expires <= now:
+        return "expired"
+    silent = info.silent_for(now)
+    if silent is not None and silent > 0:
+        return f"its holder sent no heartbeat for {now - (info.heartbeat or now):.0f} s (lease {info.lease_s:.0f} s)"
+    if holder_is_gone(info):
+        return "its holder's process is gone"
+    return None
+
+
+class StorageLock:
+    """``with StorageLock(storage, rel, ttl_s=..., purpose=...):`` holds the lock object at ``rel``, renewing
+    it every ``heartbeat_s`` seconds while held."""
+
+    def __init__(self, storage: Storage, rel: str, *, ttl_s: float, purpose: str, heartbeat_s: float = HEARTBEAT_S,
+                 lease_s: float | None = None) -> None:
+        if ttl_s <= 0 or heartbeat_s <= 0:
+            raise ValueError(f"lock ttl_s={ttl_s} and heartbeat_s={heartbeat_s} must be positive")
         self.storage, self.rel, self.ttl_s, self.purpose = storage, rel, float(ttl_s), purpose
+        self.heartbeat_s = float(heartbeat_s)
+        self.lease_s = float(lease_s) if lease_s is not None else LEASE_BEATS * self.heartbeat_s
+        if self.lease_s <= self.heartbeat_s:
+            raise ValueError(f"lock lease_s={self.lease_s} must be longer than heartbeat_s={self.heartbeat_s}")
         self.info: LockInfo | None = None
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
 
     @property
     def uri(self) -> str:
@@ -151,32 +197,68 @@ class StorageLock:
         """
         for _ in range(3):
             now = time.time()
-            info = LockInfo(new_owner_id(), self.purpose, now, now + self.ttl_s)
+            info = LockInfo(new_owner_id(), self.purpose, now, now + self.ttl_s, now, self.lease_s)
             if self._create(info.to_bytes()):
                 if self.read() != info:  # an endpoint that ignored the condition; the other writer won
                     break
                 self.info = info
                 logger.info("acquired lock %s (%s)", self.uri, self.purpose)
+                self._start_heartbeat()
                 return info
             holder = self.read()
             if holder is None and self.storage.exists(self.rel):
                 raise LockHeldError(f"lock {self.uri} exists but is not a readable lock: delete it if no run "
                                     "is active, then retry")
-            if holder is not None and holder.expires > time.time() and not holder_is_gone(holder):
+            why = None if holder is None else abandoned_because(holder, time.time())
+            if holder is not None and why is None:
+                wait = ("" if holder.lease_s is None else
+                        f"; if that holder is gone, the lock is taken over {holder.lease_s:.0f} s after its last "
+                        "heartbeat")
                 raise LockHeldError(
-                    f"another run holds lock {self.uri} ({holder.describe()}): wait for it to finish; if that "
-                    "holder is gone, delete the lock object and retry"
+                    f"another run holds lock {self.uri} ({holder.describe()}): wait for it to finish{wait}; a lock "
+                    "without heartbeats (older versions) stays until it expires: delete the lock object by hand "
+                    "if its holder is gone"
                 )
             if holder is not None:
-                why = "expired" if holder.expires <= time.time() else "its holder's process is gone"
-                logger.warning("lock %s %s (%s): taking it over", self.uri, why, holder.describe())
+                logger.warning("lock %s: %s (%s): taking it over", self.uri, why, holder.describe())
                 self.storage.delete(self.rel)
         holder = self.read()
         raise LockHeldError(f"could not acquire lock {self.uri} (held by {holder.describe() if holder else '?'}); "
                             "another run is starting at the same time: retry later")
 
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beater = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.rel}", daemon=True)
+        self._beater.start()
+
+    def _beat(self) -> None:
+        """Renew the lock every ``heartbeat_s`` while it is ours; stop (warning) when it is not any more."""
+        while not self._stop.wait(self.heartbeat_s):
+            mine = self.info
+            if mine is None:
+                return
+            try:
+                current = self.read()
+                if current is None or current.owner != mine.owner:
+                    logger.warning("lock %s is no longer ours (now %s): not renewing it", self.uri,
+                                   current.describe() if current else "absent")
+                    return
+                renewed = dataclasses.replace(mine, heartbeat=time.time())
+                self.storage.write_bytes_atomic(self.rel, renewed.to_bytes())
+                self.info = renewed
+            except OSError as err:  # storage briefly unreachable: the lease covers several missed beats
+                logger.warning("could not renew lock %s (%s); retrying in %.0f s", self.uri, err, self.heartbeat_s)
+
+    def stop_heartbeat(self) -> None:
+        """Stop renewing the lock without releasing it (what a crash leaves: the lock lapses after its lease)."""
+        self._stop.set()
+        if self._beater is not None:
+            self._beater.join(timeout=30)
+            self._beater = None
+
     def release(self) -> None:
-        """Delete the lock if this holder still owns it (never someone else's)."""
+        """Stop renewing; delete the lock if this holder still owns it (never someone else's)."""
+        self.stop_heartbeat()
         if self.info is None:
             return
         current = self.read()

@@ -86,14 +86,16 @@ CYCLE_CHANGED_FRAC = 0.25
 
 
 def cycling_heads(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
-    """Heads whose size-constraint duals look locked in a cycle in this epoch's ``metrics``.
+    """Heads whose constraint looks locked in a cycle in this epoch's ``metrics`` (either constraint).
 
     The signature (docs/benchmarks.md, "Small-data stability"): after the warm-up, one cluster takes a
     median of at least 1.8/K (and at least half) of each global batch while a quarter or more of the stored
-    labels change in the epoch: the duals, which move by up to dual_lr * lratio / K per step, exceed the
-    cost margins between centers and hand the batch to one cluster after another.
+    labels change in the epoch. Under the size constraint the duals, which move by up to
+    dual_lr * lratio / K per step, exceed the cost margins between centers and hand the batch to one cluster
+    after another; under the entropy constraint alpha's term does the same (192 pattern images, alpha 200,
+    2 seeds: the whole batch to one cluster, 58-83 % of the labels changing every epoch; docs/reliability.md).
     """
-    if exp.secu.constraint != "size" or metrics["epoch"] <= exp.optim.warmup_epochs:
+    if metrics["epoch"] <= exp.optim.warmup_epochs:
         return []
     return [h for h, k in enumerate(exp.secu.ks)
             if k >= 3 and metrics.get(f"clusters/h{h}/largest_batch_share", 0.0) >= max(0.5, 1.8 / k)
@@ -101,18 +103,27 @@ def cycling_heads(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
 
 
 def warn_if_duals_cycle(metrics: dict[str, Any], exp: ExperimentConfig) -> list[int]:
-    """Log a warning for every head of ``cycling_heads``; returns those heads."""
+    """Log a warning for every head of ``cycling_heads``, in the terms of the run's constraint; returns those
+    heads."""
     heads = cycling_heads(metrics, exp)
     for h in heads:
         k = exp.secu.ks[h]
+        if exp.secu.constraint == "entropy":
+            cause = (f"the entropy constraint looks locked in a cycle (each step sends most of its batch to the "
+                     f"cluster whose growth raises the entropy most, in turn), so these clusters are not settling. "
+                     f"It happens when secu.alpha={exp.secu.alpha:g} outweighs the cost margins between centers, "
+                     f"typically with few images per cluster: lower secu.alpha (the adaptation caps it at "
+                     f"{exp.adapt.alpha_per_image:g} x N)")
+        else:
+            cause = ("the size-constraint duals look locked in a cycle (each step sends most of its batch to one "
+                     "cluster in turn), so these clusters are not settling. It happens when a dual's step "
+                     f"dual_lr * lratio / K = {exp.secu.dual_lr * exp.secu.lratio / k:.3g} exceeds the cost margins "
+                     "between centers, typically with few images per cluster")
         logger.warning(
-            "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the "
-            "stored labels changed: the size-constraint duals look locked in a cycle (each step sends most "
-            "of its batch to one cluster in turn), so these clusters are not settling. It happens when a "
-            "dual's step dual_lr * lratio / K = %.3g exceeds the cost margins between centers, typically "
-            "with few images per cluster; see 'Small-data stability' in docs/benchmarks.md",
+            "epoch %d, head %d (K=%d): one cluster took a median %.0f%% of each batch and %.0f%% of the stored "
+            "labels changed: %s; see 'Small-data stability' in docs/benchmarks.md",
             metrics["epoch"], h, k, 100 * metrics[f"clusters/h{h}/largest_batch_share"],
-            100 * metrics[f"clusters/h{h}/changed_frac"], exp.secu.dual_lr * exp.secu.lratio / k)
+            100 * metrics[f"clusters/h{h}/changed_frac"], cause)
     return heads
 
 

@@ -9,13 +9,17 @@ A checkpoint directory holds:
 - ``coordinator.pt``: ``CoordinatorState.to_dict()``, the coordinator's state at the same epoch boundary
   (assignment memory of the previous epoch, authoritative counters/duals;
   ``pipelines.training.coordinator_state``);
-- ``secu_checkpoint.json``: small metadata (epoch, global step, run id, format version) that tools read
-  without loading tensors.
+- ``secu_checkpoint.json``: small metadata (epoch, global step, run id, format version, and under ``files``
+  the size and SHA-256 of ``model.pt`` and ``coordinator.pt``) that tools read without loading tensors.
 
 Ray Train stores these directories under ``<root>/runs/<run_id>/checkpoints/checkpoint_<time>/``.
-A checkpoint counts as complete when its ``secu_checkpoint.json`` parses and ``model.pt`` is present and
-non-empty (an upload interrupted mid-way fails one of the two); the latest is the complete one with the
-highest epoch (then global step, then name). A remote checkpoint is read from a temporary local copy
+A checkpoint counts as complete when its ``secu_checkpoint.json`` parses and its files have the sizes it
+records (a copy interrupted mid-way, or a disk that filled while the checkpoint was written, fails
+that); checkpoints written before sizes were recorded need a non-empty ``model.pt``. The latest is the
+complete one with the highest epoch (then global step, then name). Every read of ``model.pt`` or
+``coordinator.pt`` checks the recorded SHA-256 and raises ``CheckpointDamagedError`` naming the file on
+a mismatch; ``find_latest_checkpoint`` and ``newest_intact_checkpoint`` then fall back to the previous
+checkpoint with a warning. A remote checkpoint is read from a temporary local copy
 (``model.pt`` and the metadata; ``coordinator.pt`` only when asked for: inference does not need it).
 ``publish_checkpoint`` writes a checkpoint directory onto storage directly (the reclustering's aligned
 copy), metadata last.
@@ -24,9 +28,11 @@ copy), metadata last.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -53,6 +59,13 @@ META_FILE = "secu_checkpoint.json"
 CHECKPOINTS_DIR = "checkpoints"
 JOB_CONFIG_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe")
 """The keys of ``TrainingState.job`` that are the job config (the others, e.g. ``history``, ride along)."""
+
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint file does not match the size or checksum its metadata records."""
+
 
 _MODEL_KEYS = ("network", "optimizer", "cluster_state", "epoch", "global_step", "job")
 
@@ -110,25 +123,80 @@ def _write_files(path: Path, state: TrainingState, coordinator_state: Coordinato
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state.to_dict(), path / MODEL_FILE)
     torch.save(coordinator_state.to_dict(), path / COORDINATOR_FILE)
+    files = {name: _file_record(path / name) for name in (MODEL_FILE, COORDINATOR_FILE)}
     meta = {"epoch": state.epoch, "global_step": state.global_step, "run_id": state.job.get("run_id"),
-            "format_version": FORMAT_VERSION} | extra_meta
+            "format_version": FORMAT_VERSION, "files": files} | extra_meta
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        digest = _sha256(handle)
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _sha256(handle: Any) -> str:
+    h = hashlib.sha256()
+    while chunk := handle.read(_HASH_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _recorded_files(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``files`` record of a checkpoint's metadata ({} for checkpoints written before it existed)."""
+    files = meta.get("files")
+    return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+
+def _verify_local(directory: Path, name: str) -> None:
+    """Check ``directory/name`` against the size and SHA-256 recorded beside it (nothing to check when the
+    metadata is absent or older than the record)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    record = _recorded_files(meta if isinstance(meta, dict) else {}).get(name)
+    if record is None:
+        return
+    path = directory / name
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise CheckpointDamagedError(
+            f"{path} has {size:,} bytes where its checkpoint recorded {record.get('bytes'):,}: the file is damaged "
+            "(a copy or a disk that filled cut it short)")
+    with open(path, "rb") as handle:
+        digest = _sha256(handle)
+    if digest != record.get("sha256"):
+        raise CheckpointDamagedError(
+            f"{path} does not match the SHA-256 its checkpoint recorded ({digest[:12]}... against "
+            f"{str(record.get('sha256'))[:12]}...): the file was changed or damaged after it was written")
+
+
 def load_training_state(directory: str | os.PathLike[str]) -> TrainingState:
-    """Read ``model.pt`` of a checkpoint directory."""
+    """Read ``model.pt`` of a checkpoint directory (checked against its recorded size and SHA-256)."""
     path = Path(directory) / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this is not a SeCu training checkpoint")
-    return TrainingState.from_dict(torch.load(path, map_location="cpu", weights_only=False), where=str(path))
+    _verify_local(Path(directory), MODEL_FILE)
+    return TrainingState.from_dict(_torch_load(path), where=str(path))
 
 
 def load_coordinator_state(directory: str | os.PathLike[str]) -> CoordinatorState:
-    """Read ``coordinator.pt`` of a checkpoint directory."""
+    """Read ``coordinator.pt`` of a checkpoint directory (checked against its recorded size and SHA-256)."""
     path = Path(directory) / COORDINATOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this checkpoint has no coordinator state")
-    return CoordinatorState.from_dict(torch.load(path, map_location="cpu", weights_only=False), where=str(path))
+    _verify_local(Path(directory), COORDINATOR_FILE)
+    return CoordinatorState.from_dict(_torch_load(path), where=str(path))
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` on the CPU; a file torch cannot parse (cut short, overwritten) is a damaged checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # torch: OSError EINVAL on a cut zip
+        raise CheckpointDamagedError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is "
+                                     "damaged") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,23 +219,31 @@ class CheckpointRef:
     """The run id recorded in the checkpoint's metadata."""
 
 
-def _read_meta(location: Storage) -> dict[str, Any] | None:
-    """The checkpoint's metadata when the checkpoint is complete, else None."""
+def _inspect(location: Storage) -> tuple[dict[str, Any] | None, str]:
+    """(metadata, "") for a complete checkpoint, else (None, what is wrong)."""
     try:
         meta = json.loads(location.read_bytes(META_FILE).decode("utf-8"))
         epoch = int(meta["epoch"])
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
-    size = location.size(MODEL_FILE)
-    if not size:
-        return None
+    except FileNotFoundError:
+        return None, f"{META_FILE} is missing"
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None, f"{META_FILE} is unreadable"
+    recorded = _recorded_files(meta)
+    for name, record in recorded.items():
+        size = location.size(name)
+        if size != record.get("bytes"):
+            have = "is missing" if size is None else f"has {size:,} of {record.get('bytes'):,} bytes"
+            return None, f"{name} {have}"
+    if not recorded and not location.size(MODEL_FILE):
+        return None, f"{MODEL_FILE} is missing or empty"
     meta["epoch"] = epoch
     meta["global_step"] = int(meta.get("global_step") or 0)
-    return dict(meta)
+    return dict(meta), ""
 
 
 def list_checkpoints(storage: Storage, run_id: str) -> list[CheckpointRef]:
-    """Complete checkpoints of a run, oldest first (by epoch, global step, directory name)."""
+    """Complete checkpoints of a run, oldest first (by epoch, global step, directory name); an incomplete or
+    damaged one is skipped with a warning that says what is wrong with it."""
     base = join("runs", run_id, CHECKPOINTS_DIR)
     found = []
     for entry in storage.list(base, recursive=True):
@@ -175,20 +251,45 @@ def list_checkpoints(storage: Storage, run_id: str) -> list[CheckpointRef]:
             continue
         rel = join(base, entry.path[: -len(META_FILE) - 1])
         location = storage.child(rel)
-        meta = _read_meta(location)
+        meta, problem = _inspect(location)
         if meta is None:
-            logger.warning("skipping incomplete checkpoint %s (metadata or %s missing/corrupt)",
-                           storage.uri(rel), MODEL_FILE)
+            logger.warning("skipping checkpoint %s: %s (it is incomplete or damaged; an earlier one is used)",
+                           storage.uri(rel), problem)
             continue
         found.append(CheckpointRef(location, rel, meta["epoch"], meta["global_step"], meta.get("run_id")))
     return sorted(found, key=lambda c: (c.epoch, c.global_step, c.label))
 
 
-def find_latest_checkpoint(storage: Storage, run_id: str) -> CheckpointRef:
-    """The complete checkpoint of ``run_id`` with the highest epoch.
+def verify_checkpoint(ref: CheckpointRef, names: Sequence[str] = (MODEL_FILE,)) -> None:
+    """Check the files ``names`` of a checkpoint against the SHA-256 its metadata records (streamed, nothing
+    is loaded; nothing to check for checkpoints written before the record).
+
+    Raises:
+        CheckpointDamagedError: Naming the checkpoint and the file that does not match.
+    """
+    meta, problem = _inspect(ref.location)
+    if meta is None:
+        raise CheckpointDamagedError(f"checkpoint {ref.label}: {problem}")
+    recorded = _recorded_files(meta)
+    for name in names:
+        record = recorded.get(name)
+        if record is None:
+            continue
+        with ref.location.filesystem.open_input_stream(ref.location.path(name)) as handle:
+            digest = _sha256(handle)
+        if digest != record.get("sha256"):
+            raise CheckpointDamagedError(
+                f"checkpoint {ref.label}: {name} does not match the SHA-256 its metadata records: the file was "
+                "changed or damaged after it was written")
+
+
+def find_latest_checkpoint(storage: Storage, run_id: str, verify: Sequence[str] = (MODEL_FILE,)) -> CheckpointRef:
+    """The complete checkpoint of ``run_id`` with the highest epoch whose files ``verify`` match their
+    checksums (a damaged one is skipped with a warning: the one before it is used).
 
     Raises:
         FileNotFoundError: If the run has no complete checkpoint.
+        CheckpointDamagedError: If every complete checkpoint is damaged.
     """
     found = list_checkpoints(storage, run_id)
     if not found:
@@ -197,7 +298,41 @@ def find_latest_checkpoint(storage: Storage, run_id: str) -> CheckpointRef:
             f"no complete checkpoint under {where}: train the run first (`python -m jobs.train --run-id "
             f"{run_id} --storage {storage.root}`), check --run-id, or pass --checkpoint PATH"
         )
-    return found[-1]
+    damaged = []
+    for ref in reversed(found):
+        try:
+            verify_checkpoint(ref, verify)
+        except CheckpointDamagedError as err:
+            logger.warning("%s; using the checkpoint before it", err)
+            damaged.append(str(err))
+            continue
+        return ref
+    raise CheckpointDamagedError(f"every checkpoint of run {run_id} is damaged: {'; '.join(damaged)}; retrain the "
+                                 "run (a new --run-id) or pass --checkpoint PATH")
+
+
+def newest_intact_checkpoint(storage: Storage, run_id: str
+                             ) -> tuple[CheckpointRef, TrainingState, CoordinatorState] | None:
+    """The newest checkpoint of ``run_id`` that reads whole (model and coordinator state, checksums checked),
+    read; a damaged one is skipped with a warning. None when the run has no checkpoint.
+
+    Raises:
+        CheckpointDamagedError: If the run has checkpoints and every one of them is damaged.
+    """
+    found = list_checkpoints(storage, run_id)
+    damaged = []
+    for ref in reversed(found):
+        try:
+            state, coordinator = read_checkpoint(ref)
+        except CheckpointDamagedError as err:
+            logger.warning("checkpoint %s is damaged (%s); trying the one before it", ref.label, err)
+            damaged.append(f"{ref.label}: {err}")
+            continue
+        return ref, state, coordinator
+    if damaged:
+        raise CheckpointDamagedError(f"every checkpoint of run {run_id} is damaged ({'; '.join(damaged)}); start "
+                                     "a new --run-id")
+    return None
 
 
 def checkpoint_at(path: str, storage: Storage) -> CheckpointRef:
@@ -212,13 +347,48 @@ def checkpoint_at(path: str, storage: Storage) -> CheckpointRef:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--checkpoint {path}: no such directory; pass a checkpoint_* directory")
         location = Storage(path)
-    meta = _read_meta(location)
+    meta, problem = _inspect(location)
     if meta is None:
         raise FileNotFoundError(
-            f"--checkpoint {location.uri()}: not a complete SeCu checkpoint ({META_FILE} and a non-empty "
-            f"{MODEL_FILE} are required); pass a runs/<run_id>/checkpoints/checkpoint_* directory"
+            f"--checkpoint {location.uri()}: not a complete SeCu checkpoint ({problem}; {META_FILE} and the files "
+            f"it records are required); pass a runs/<run_id>/checkpoints/checkpoint_* directory"
         )
     return CheckpointRef(location, location.uri(), meta["epoch"], meta["global_step"], meta.get("run_id"))
+
+
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the reported checkpoints, beside them (Ray >= 2.51)."""
+
+
+def set_aside_stale_ray_snapshot(storage: Storage, run_id: str) -> str | None:
+    """Move Ray Train's checkpoint snapshot aside when it names a checkpoint folder that is gone.
+
+    Ray refuses to start a run whose snapshot references a deleted checkpoint ("The run snapshot contains
+    a reference to a checkpoint that does not exist anymore"); the training loop resumes from the newest
+    intact checkpoint on storage instead of Ray's record, so the record can go. Returns the new name of
+    the snapshot (``checkpoint_manager_snapshot.json.stale-<n>``), or None when it was fine or absent.
+    """
+    base = join("runs", run_id, CHECKPOINTS_DIR)
+    rel = join(base, RAY_SNAPSHOT_FILE)
+    try:
+        data = json.loads(storage.read_bytes(rel).decode("utf-8"))
+        names = [str(r["checkpoint_dir_name"]) for r in data.get("checkpoint_results", [])]
+        missing = [n for n in names if not storage.list(join(base, n))]
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        missing = ["(the snapshot is unreadable)"]
+    if not missing:
+        return None
+    n = 0
+    while storage.exists(f"{rel}.stale-{n}"):
+        n += 1
+    target = f"{rel}.stale-{n}"
+    storage.filesystem.move(storage.path(rel), storage.path(target))
+    logger.warning("Ray Train's checkpoint snapshot of run %s names checkpoint folders that are gone (%s); moved "
+                   "it to %s so the run can start; it resumes from the newest intact checkpoint on storage",
+                   run_id, ", ".join(missing), storage.uri(target))
+    return target
 
 
 @contextlib.contextmanager
@@ -250,7 +420,7 @@ def publish_checkpoint(storage: Storage, rel: str, state: TrainingState, coordin
     """Write a checkpoint directory at ``rel`` on ``storage``; returns its URI.
 
     The metadata (with ``extra_meta`` added) is removed first and written last, so that a reader never
-    takes a half-written directory for a complete checkpoint (``_read_meta`` needs the metadata).
+    takes a half-written directory for a complete checkpoint (``_inspect`` needs the metadata).
     """
     storage.delete(join(rel, META_FILE))
     with tempfile.TemporaryDirectory(prefix="secu-ckpt-") as tmp:

@@ -40,6 +40,7 @@ from pipelines.training.checkpointing import (
     save_checkpoint,
 )
 from pipelines.training.coordinator_state import CoordinatorState
+from pipelines.training.fail_fast import StopOnDeterministicErrors
 from pipelines.training.job_config import TrainJobConfig, apply_job_overrides
 from pipelines.training.metrics_log import MetricsLog
 from pipelines.training.trainer import TrainOutcome
@@ -118,7 +119,8 @@ def run_self_label(storage: Storage, source_run_id: str, run_id: str, overrides:
             resources_per_worker={"CPU": job.compute.cpus_per_worker} | ({"GPU": 1} if job.compute.use_gpu else {})),
         run_config=RunConfig(name=CHECKPOINTS_DIR, storage_path=run_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=job.compute.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep),
+                             callbacks=[StopOnDeterministicErrors()]),  # type: ignore[list-item]
         datasets={"train": dataset_},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -8,10 +8,13 @@ the epoch's counts reduced across ranks, the rank-0 duties in one place (``_clos
 bad-input check, the coordinator's epoch close and statistics, warnings, checkpoint, history) and
 ``ray.train.report`` on every rank.
 
-Restart semantics: on (re)start the loop loads the latest checkpoint and restores the coordinator
-to exactly the checkpoint's state, so labels written after the checkpoint are discarded and the
-epoch is replayed from its beginning. A run without a checkpoint of its own starts from the warm start
-in ``WorkerInputs.warm_start`` when the driver gave one (``pipelines.training.warm_start``), else fresh.
+Restart semantics: on (re)start rank 0 picks the run's newest intact checkpoint from storage
+(``checkpointing.newest_intact_checkpoint``: sizes and checksums checked, a damaged one skipped with a
+warning), not Ray Train's record of the last reported one, which can point at a damaged checkpoint or be
+missing; every rank loads the one rank 0 picked, and the coordinator is restored to exactly its state,
+so labels written after the checkpoint are discarded and the epoch is replayed from its beginning. A run
+without a checkpoint of its own starts from the warm start in ``WorkerInputs.warm_start`` when the driver
+gave one (``pipelines.training.warm_start``), else fresh.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from torch import nn
 from pipelines.dataset.bad_input import verify_epoch
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import (
+    CheckpointRef,
     TrainingState,
-    load_coordinator_state,
     load_training_state,
+    local_checkpoint_dir,
+    newest_intact_checkpoint,
     save_checkpoint,
 )
 from pipelines.training.coordinator import CoordinatorClient
+from pipelines.training.fail_fast import disk_full, no_space
 from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.metrics_log import MetricsLog, progress_line
 from pipelines.training.warm_start import WarmStart
@@ -124,16 +130,10 @@ def _restore(method: ClusteringMethod, inputs: WorkerInputs, rank: int, log: _Ra
     Rank 0 brings the coordinator to the same point: the checkpoint's state, the warm start's labels,
     or empty (a fresh run must start from an empty memory even if the coordinator saw writes from an
     attempt that died before its first checkpoint)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            saved = load_training_state(ckpt_dir)
-            coord_state = load_coordinator_state(ckpt_dir)
+    saved = _resume_state(inputs, rank)
+    if saved is not None:
         method.load_state_dict({"network": saved.network, "optimizer": saved.optimizer,
                                 "cluster_state": saved.cluster_state, "global_step": saved.global_step})
-        if rank == 0:
-            inputs.coordinator.load_state_dict(coord_state)
-        log.info("resumed run %s from the checkpoint of epoch %d", inputs.job.run_id, saved.epoch)
         return saved.epoch + 1, MetricsLog.from_list(saved.job.get("history", []))
     if inputs.warm_start is not None:
         # Every attempt before the first checkpoint starts from the warm start again.
@@ -146,6 +146,38 @@ def _restore(method: ClusteringMethod, inputs: WorkerInputs, rank: int, log: _Ra
     elif rank == 0:
         inputs.coordinator.reset()
     return 0, MetricsLog()
+
+
+def _resume_state(inputs: WorkerInputs, rank: int) -> TrainingState | None:
+    """The training state of the checkpoint to resume from, the same on every rank (None: no checkpoint).
+
+    Rank 0 chooses the newest intact checkpoint on storage, restores the coordinator from it and tells the
+    other ranks which it is; they read its model file."""
+    chosen: CheckpointRef | None = None
+    state: TrainingState | None = None
+    if rank == 0:
+        found = newest_intact_checkpoint(inputs.storage, inputs.job.run_id)
+        if found is not None:
+            chosen, state, coordinator_state = found
+            inputs.coordinator.load_state_dict(coordinator_state)
+            _log_resume(inputs.job.run_id, chosen, ray.train.get_checkpoint())
+    chosen = distributed.broadcast_object(chosen)  # type: ignore[assignment]
+    if chosen is None or state is not None:
+        return state
+    with local_checkpoint_dir(chosen) as directory:
+        return load_training_state(directory)
+
+
+def _log_resume(run_id: str, chosen: CheckpointRef, ray_checkpoint: ray.train.Checkpoint | None) -> None:
+    """Say which checkpoint the run resumes from, and when Ray Train's record names another (or none)."""
+    logger.info("resumed run %s from the checkpoint of epoch %d (%s)", run_id, chosen.epoch, chosen.label)
+    name = os.path.basename(chosen.label.rstrip("/"))
+    if ray_checkpoint is None:
+        logger.warning("Ray Train has no record of a checkpoint of run %s (its snapshot is missing); resuming from "
+                       "the newest intact checkpoint on storage, %s", run_id, name)
+    elif os.path.basename(ray_checkpoint.path.rstrip("/")) != name:
+        logger.warning("Ray Train's latest checkpoint of run %s is %s, which is damaged or missing; resuming from "
+                       "the newest intact one, %s", run_id, os.path.basename(ray_checkpoint.path), name)
 
 
 def _epoch_metrics(epoch: int, result: EpochResult, elapsed: float) -> tuple[dict[str, Any], int]:
@@ -171,7 +203,7 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     metrics.update(inputs.coordinator.end_epoch(
         None if closing is None else [c.numpy() for c in closing.counters],
         None if closing is None else [d.numpy() for d in closing.duals], epoch=epoch))
-    if job.experiment.method == "secu":  # the dual variables of SeCu's size constraint
+    if job.experiment.method == "secu":  # SeCu's constraints: the size duals or the entropy term
         warn_if_duals_cycle(metrics, job.experiment)
     for msg in collapsed_heads(metrics, job.experiment, inputs.num_samples):
         logger.warning("%s", msg)
@@ -179,12 +211,29 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     if not save_now:
         return None
     state = method.state_dict()  # only when saving: it copies the network to the CPU
-    save_checkpoint(tmp, TrainingState(
-        network=state["network"], optimizer=state["optimizer"], cluster_state=state["cluster_state"], epoch=epoch,
-        global_step=state["global_step"], job=job.to_dict() | {"history": history.to_list()}),
-        inputs.coordinator.state_dict())
-    history.write(inputs.storage, job.run_id)
+    try:
+        save_checkpoint(tmp, TrainingState(
+            network=state["network"], optimizer=state["optimizer"], cluster_state=state["cluster_state"],
+            epoch=epoch, global_step=state["global_step"], job=job.to_dict() | {"history": history.to_list()}),
+            inputs.coordinator.state_dict())
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err):
+            raise
+        raise no_space(err, f"the checkpoint of epoch {epoch}", f"the local temporary folder {tmp}",
+                       _dir_bytes(tmp)) from err
+    try:
+        history.write(inputs.storage, job.run_id)
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err):
+            raise
+        raise no_space(err, f"the training history and the checkpoint of epoch {epoch}",
+                       inputs.storage.uri("runs", job.run_id), _dir_bytes(tmp)) from err
     return ray.train.Checkpoint.from_directory(tmp)
+
+
+def _dir_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (what a checkpoint needs, or the part written before the disk filled)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _epoch_context(method: ClusteringMethod, job: TrainJobConfig) -> EpochContext:
@@ -250,7 +299,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = _close_epoch_on_rank_zero(inputs, method, result, metrics, delivered_all, history,
                                                  save_now, tmp)
             log.info("epoch %d done in %.1fs: %s", epoch, elapsed, MetricsLog.format_line(metrics))
-            ray.train.report(metrics, checkpoint=ckpt)
+            try:
+                ray.train.report(metrics, checkpoint=ckpt)
+            except (OSError, RuntimeError) as err:  # the checkpoint's upload to the run's storage
+                if not disk_full(err):
+                    raise
+                raise no_space(err, f"the checkpoint of epoch {epoch}", inputs.storage.uri("runs", job.run_id),
+                               _dir_bytes(tmp)) from err
         if epoch == job.compute.stop_after_epoch:
             log.info("stopping after epoch %d as configured (compute.stop_after_epoch)", epoch)
             break

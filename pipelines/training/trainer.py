@@ -23,8 +23,14 @@ from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest
 from pipelines.dataset.streams import build_eval_dataset, build_train_dataset
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage, join
-from pipelines.training.checkpointing import CHECKPOINTS_DIR, checkpoint_at, list_checkpoints
+from pipelines.training.checkpointing import (
+    CHECKPOINTS_DIR,
+    checkpoint_at,
+    list_checkpoints,
+    set_aside_stale_ray_snapshot,
+)
 from pipelines.training.coordinator import CoordinatorClient
+from pipelines.training.fail_fast import StopOnDeterministicErrors
 from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.memory import shard_ranges
 from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker
@@ -127,6 +133,7 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.compute.num_to_keep),
+            callbacks=[StopOnDeterministicErrors()],  # type: ignore[list-item]  # Ray types the V1 Callback
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=list(datasets)),
@@ -134,6 +141,7 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
     logger.info("training run %s: %d workers, dataset %s (%d images), checkpoints under %s",
                 job.run_id, job.compute.num_workers, job.dataset, info.num_samples,
                 storage.join("runs", job.run_id, CHECKPOINTS_DIR))
+    set_aside_stale_ray_snapshot(storage, job.run_id)
     try:
         result = trainer.fit()
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from pipelines.storage import Storage
 def race(storage: Storage, contenders: int = 8) -> tuple[int, list[str]]:
     """Start ``contenders`` threads acquiring the same lock at once; (winners, refusal messages)."""
     barrier = threading.Barrier(contenders)
-    winners, refusals = [], []
+    winners, refusals, held = [], [], []
 
     def attempt(i: int) -> None:
         lock = StorageLock(storage, "runs/base/_recluster.lock", ttl_s=60, purpose=f"contender {i}")
@@ -23,6 +25,7 @@ def race(storage: Storage, contenders: int = 8) -> tuple[int, list[str]]:
         try:
             lock.acquire()
             winners.append(i)
+            held.append(lock)
         except LockHeldError as err:
             refusals.append(str(err))
 
@@ -31,6 +34,8 @@ def race(storage: Storage, contenders: int = 8) -> tuple[int, list[str]]:
         t.start()
     for t in threads:
         t.join()
+    for lock in held:  # stop the winner's heartbeat; the lock object stays for the caller to inspect
+        lock.stop_heartbeat()
     return len(winners), refusals
 
 
@@ -69,6 +74,33 @@ def test_expired_lock_is_taken_over_and_release_spares_other_owners(
     storage.delete(rel)
     with StorageLock(storage, rel, ttl_s=30, purpose="tick w"):
         assert storage.exists(rel)
+    assert not storage.exists(rel)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_silent_holder_on_another_host_loses_its_lock_after_the_lease_a_live_one_keeps_it(
+        tmp_path: Path, where: str, moto_endpoint: str, s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17: a tick killed on another host left a lock that refused every tick for 12 hours. A holder
+    renews its lock every heartbeat; one silent for longer than its lease is gone, wherever it ran."""
+    storage = (Storage(str(tmp_path)) if where == "local"
+               else Storage(f"s3://{s3_bucket}/hb", s3_endpoint=moto_endpoint))
+    rel = "runs/base/_recluster.lock"
+    now = time.time()
+    silent = LockInfo("another-host:4242:abc", "tick 1", now - 100, now + 12 * 3600, now - 20, 10.0)
+    storage.write_bytes_atomic(rel, silent.to_bytes())
+    lock = StorageLock(storage, rel, ttl_s=12 * 3600, purpose="tick 2", heartbeat_s=0.2, lease_s=1.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipelines.run_lock"):
+            mine = lock.acquire()
+        assert re.search(r"sent no heartbeat for 2\d s \(lease 10 s\).*taking it over", caplog.text), caplog.text
+        time.sleep(2.5)  # past the lease: only the heartbeats keep the lock alive
+        renewed = LockInfo.from_bytes(storage.read_bytes(rel))
+        assert renewed is not None and renewed.owner == mine.owner and renewed.heartbeat is not None
+        assert renewed.heartbeat > mine.created + 1.0
+        with pytest.raises(LockHeldError, match="taken over 1 s after its last heartbeat"):
+            StorageLock(storage, rel, ttl_s=60, purpose="tick 3", heartbeat_s=0.2, lease_s=1.0).acquire()
+    finally:
+        lock.release()
     assert not storage.exists(rel)
 
 

@@ -8,6 +8,7 @@ dumped from that code: keys, containers, dtypes; the values are chosen here).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,11 @@ def test_new_checkpoints_keep_the_old_layout_and_round_trip(tmp_path: Path) -> N
             {"shards": ("list", [layout(old_shard(lo, hi)) | {"history": ("list", [])} for lo, hi in RANGES])}
             if name == COORDINATOR_FILE else {})
     meta = [json.loads((tmp_path / d / META_FILE).read_text()) for d in ("new", "old")]
+    files = meta[0].pop("files")  # new: the size and SHA-256 of both files, for verification
     assert meta[0] == meta[1]
+    for name in (MODEL_FILE, COORDINATOR_FILE):
+        body = (tmp_path / "new" / name).read_bytes()
+        assert files[name] == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     again = load_training_state(tmp_path / "new")
     assert_same(again.to_dict(), state.to_dict())
     assert_same(load_coordinator_state(tmp_path / "new"), coord)
@@ -187,6 +192,7 @@ def test_publish_checkpoint_replaces_a_copy_with_metadata_written_last(tmp_path:
     uri = publish_checkpoint(storage, rel, state, coord, {"aligned_to": None, "alignment": [{"head": 0}]})
     ref = checkpoint_at(uri, storage)
     meta = json.loads(storage.read_bytes(join(rel, META_FILE)))
+    assert set(meta.pop("files")) == {MODEL_FILE, COORDINATOR_FILE}
     assert meta == {"epoch": 0, "global_step": 3, "run_id": "old-run", "format_version": 1, "aligned_to": None,
                     "alignment": [{"head": 0}]}
     again, coord_again = read_checkpoint(ref)

@@ -4,14 +4,23 @@ killed worker and a killed coordinator, and resume of a stopped run."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.common import classify_error
 from pipelines.storage import Storage
-from pipelines.training.checkpointing import load_coordinator_state, load_training_state
+from pipelines.training.checkpointing import (
+    MODEL_FILE,
+    RAY_SNAPSHOT_FILE,
+    list_checkpoints,
+    load_coordinator_state,
+    load_training_state,
+)
+from pipelines.training.fail_fast import deterministic_error
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
 from pipelines.training.trainer import run_training
 from secu.recipes import recipe
@@ -91,6 +100,61 @@ def test_stopped_run_resumes_from_its_checkpoint(storage: Storage) -> None:
     assert rows[1]["clusters/h0/changed_frac"] < 1.0  # compared against the restored epoch-0 labels
     prev0 = coord_at_stop.labels()
     assert (prev0 >= 0).all()
+
+
+def test_damaged_and_deleted_checkpoints_resume_from_the_newest_intact_one(storage: Storage) -> None:
+    """Issue 17: the latest checkpoint's folder deleted (Ray's snapshot still names it, which made Ray refuse
+    to start) and the one before it cut short (Ray would have resumed from it and failed on torch's zip
+    error, 3 retries): the run resumes from the newest intact checkpoint, epoch 0, and completes."""
+    first = run_training(make_job("damaged", "optim.epochs=4", "compute.stop_after_epoch=2",
+                                  "compute.num_to_keep=3"), storage)
+    assert first.epochs_run == 3
+    ckpts = list_checkpoints(storage, "damaged")
+    assert [c.epoch for c in ckpts] == [0, 1, 2]
+    rows_before = history(storage, "damaged")
+    shutil.rmtree(storage.path(ckpts[2].label))
+    model = Path(storage.path(ckpts[1].label, MODEL_FILE))
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    second = run_training(make_job("damaged", "optim.epochs=4", "compute.num_to_keep=3"), storage)
+    assert second.epochs_run == 4
+    snapshots = [e.path for e in storage.list(storage.join("runs", "damaged", "checkpoints"))]
+    assert RAY_SNAPSHOT_FILE + ".stale-0" in snapshots  # set aside with the reason logged
+    rows = history(storage, "damaged")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[0] == rows_before[0]  # epoch 0 came from its checkpoint, not from a fresh start
+    assert rows[1]["time/epoch_s"] != rows_before[1]["time/epoch_s"]  # epoch 1 was trained again
+    assert second.checkpoint_path is not None
+    final = load_training_state(second.checkpoint_path)
+    assert final.global_step == ckpts[0].global_step + sum(int(r["train/steps"]) for r in rows[1:])
+
+
+def corrupt_one_image(storage: Storage, dataset: str) -> None:
+    """Overwrite the header of the first PNG member of the first shard (same size: only decoding finds it)."""
+    path = storage.path("datasets", dataset, "shards", "shard-000000.tar")
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"\x89PNG")
+    data[at + 8: at + 40] = b"\xff" * 32
+    open(path, "wb").write(bytes(data))
+
+
+def test_bad_input_over_budget_stops_at_once_without_retries(storage: Storage) -> None:
+    """Issue 17: one undecodable image with no budget (max_bad_fraction 0) used to be retried 3 times by Ray
+    Train (4.5 min, exit 1); now the controller raises it on the first attempt and the job names it (exit 2)."""
+    make_dataset(storage, "one-bad", 64, shard_size=32)
+    corrupt_one_image(storage, "one-bad")
+    job = apply_job_overrides(make_job("one-bad", "optim.epochs=3", "compute.max_bad_fraction=0"),
+                              ["dataset=one-bad"])
+    with pytest.raises(Exception) as caught:  # noqa: B017 - Ray's ControllerError carrying ours
+        run_training(job, storage)
+    failure = classify_error(caught.value)
+    assert failure is not None and failure.exit_code == 2 and failure.kind == "bad input", caught.value
+    assert "too much bad input" in failure.message and "undecodable" in failure.message
+    # Ray Train raises a ControllerError only when a controller callback fails: ours, which Ray calls at every
+    # worker error before it decides to retry, raised at the first one (exhausted retries raise the workers'
+    # WorkerGroupError instead).
+    assert type(caught.value).__name__ == "ControllerError", repr(caught.value)
+    assert deterministic_error(caught.value.controller_failure) is not None  # type: ignore[attr-defined]
+    assert not list_checkpoints(storage, "one-bad")  # it failed in epoch 0, before any checkpoint
 
 
 def test_missing_dataset_fails_before_training(storage: Storage, tmp_path: Path) -> None:
