@@ -178,12 +178,13 @@ def selected_shards(info: DatasetInfo, shards: Collection[str] | None) -> list[S
 def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
                  counter: Any | None = None, shards: Collection[str] | None = None) -> DatasetPlan:
     """Check the committed shards (all, or the ones named in ``shards``) against their recorded sizes and
-    set up the bad-input counter (sized for the selected shards).
+    set up the bad-input counter (sized for the selected shards). Missing shards and shards larger than
+    recorded are left out; smaller ones (cut short) are read up to the cut.
 
     Raises:
         FileNotFoundError: The dataset does not exist (the message names the ingest command).
         ValueError: ``shards`` names a shard the dataset does not have.
-        BadInputError: Missing or truncated shards alone exceed the policy's budget.
+        BadInputError: Missing or changed shards alone exceed the policy's budget.
     """
     storage.check_reachable()
     info = load_dataset_info(storage, dataset)

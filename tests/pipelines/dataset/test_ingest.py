@@ -289,13 +289,13 @@ def test_s3_target_and_s3_source(tmp_path: Path, moto_endpoint: str, s3_bucket: 
 
 
 def test_bad_input_folder_every_file_ingested_and_decodable_or_skipped_with_its_reason(tmp_path: Path) -> None:
-    folder = write_bad_input_folder(tmp_path / "lake", n_good=6)
+    folder = write_bad_input_folder(tmp_path / "lake", n_good=36)  # 52 good files and 8 bad, as in issue 17
     st = Storage(str(tmp_path / "store"))
     res = ingest(st, "lake", open_source(str(folder.root)), IngestOptions(shard_size=8, use_ray=False))
     assert res.skipped == folder.skipped == {
         "empty": 1, "not_an_image": 1, "truncated": 1, "corrupt": 1, "too_large": 1, "non_image_file": 2,
         "dangling_symlink": 1}
-    assert res.added == len(folder.valid) == 22
+    assert res.added == len(folder.valid) == 52
     root = str(folder.root)
     expected_examples = {r: [f"{root}/{p}" for p in paths] for r, paths in folder.skipped_files.items()}
     assert {r: sorted(ids) for r, ids in res.skipped_examples.items()} == expected_examples
@@ -314,7 +314,7 @@ def test_bad_input_folder_every_file_ingested_and_decodable_or_skipped_with_its_
     assert by_source[f"{root}/a/png_named.jpg"][0] == "png" and by_source[f"{root}/b/photo.webp"][0] == "webp"
 
     again = ingest(st, "lake", open_source(str(folder.root)), IngestOptions(use_ray=False))
-    assert (again.added, again.already_present, again.skipped) == (0, 22, folder.skipped)
+    assert (again.added, again.already_present, again.skipped) == (0, 52, folder.skipped)
 
 
 # ---------------------------------------------------------------------------------------------
