@@ -8,15 +8,18 @@ Kinds of bad input and what happens to each (reason names as counted):
 - ``too_large``: more pixels than ``BadInputPolicy.max_pixels`` (checked from the header, before
   decoding, so a decompression bomb costs nothing);
 - ``bad_metadata``: no usable ``sample_index`` (json unreadable and a key that does not name it);
-- ``truncated_shard`` / ``missing_shard``: a shard whose size differs from the size recorded in
-  ``dataset.json`` at ingest, or that is gone. Found before reading starts (one listing); the whole
-  shard is left out and its samples (from the manifest counts) are counted bad;
-- ``lost``: samples that never arrived although their shard was read, e.g. a shard damaged after
-  ingest without a size change (a tar stream that ends early at a corrupt header yields fewer
-  samples and no error) or a shard whose read task failed. Ray Data tolerates up to
-  ``max_errored_blocks`` failed read tasks (one task per shard, so a failure loses at most the rest of
-  that shard) and the loss is counted at the end of the epoch by ``verify_epoch`` comparing the rows
-  the consumers received with the manifest.
+- ``truncated_shard`` / ``damaged_shard``: the samples of a shard after the point where it is cut
+  short (the file is smaller than ingest wrote it) or damaged (same size, a broken tar header or
+  member). The whole samples before the damage are read and used
+  (``pipelines.dataset.shard_reader``); the rest, the shard's count in ``dataset.json`` minus those
+  read, are counted once per shard (``cut_shard``);
+- ``missing_shard`` / ``changed_shard``: a shard that is gone, or larger than ingest wrote it (replaced
+  by other content). Found before reading starts (one listing); the whole shard is left out and its
+  samples (from the manifest counts) are counted bad;
+- ``lost``: samples that never arrived although their shard was read, e.g. a shard whose read task
+  failed on a storage error. Ray Data tolerates up to ``max_errored_blocks`` failed read tasks (one
+  task per shard, so a failure loses at most the rest of that shard) and the loss is counted at the
+  end of the epoch by ``verify_epoch`` comparing the rows the consumers received with the manifest.
 
 Default (``BadInputPolicy()``): skip and count; log the first ``log_first`` with shard, key and
 reason; fail with ``BadInputError`` as soon as more than ``max_bad_fraction`` of the dataset's
@@ -39,7 +42,7 @@ import ray
 logger = logging.getLogger(__name__)
 
 REASONS = ("undecodable", "empty", "non_image_member", "too_large", "bad_metadata", "truncated_shard",
-           "missing_shard", "lost")
+           "damaged_shard", "missing_shard", "changed_shard", "lost")
 
 
 class BadInputError(ValueError):
@@ -95,6 +98,8 @@ class BadInputReport:
     decoded: int = 0
     """Good samples decoded so far, all epochs together."""
     examples: list[str] = field(default_factory=list)
+    cut_shards: dict[str, int] = field(default_factory=dict)
+    """Shards read up to a damaged spot: the samples each is missing."""
 
     @property
     def over_limit(self) -> bool:
@@ -115,6 +120,7 @@ class BadInputTally:
         self._seen: set[tuple[str, str]] = set()
         self._by_reason: Counter[str] = Counter()
         self._excluded: dict[str, tuple[str, int]] = {}
+        self._cut: dict[str, int] = {}
         self._lost = 0
         self._decoded = 0
         self._examples: list[str] = []
@@ -125,6 +131,15 @@ class BadInputTally:
             self._excluded[shard] = (reason, count)
             self._by_reason[reason] += count
             self._note(f"shard {shard}: {reason}, its {count} samples are left out")
+
+    def cut_shard(self, shard: str, reason: str, missing: int, detail: str = "") -> None:
+        """A shard read up to a damaged spot: the ``missing`` samples after it (counted once per shard, the
+        largest loss any read of it saw)."""
+        if missing > self._cut.get(shard, 0):
+            self._by_reason[reason] += missing - self._cut.get(shard, 0)
+            if shard not in self._cut:
+                self._note(f"shard {shard}: {reason} ({detail}), {missing} samples after the damage are left out")
+            self._cut[shard] = missing
 
     def record(self, decoded: int, bad: list[BadSample]) -> bool:
         """Count a decode batch: ``decoded`` good samples and the bad ones. Returns over-limit."""
@@ -154,7 +169,7 @@ class BadInputTally:
         return BadInputReport(
             num_samples=self.num_samples, bad=sum(self._by_reason.values()), by_reason=dict(self._by_reason),
             excluded_shards=sorted(self._excluded), budget=self.policy.budget(self.num_samples),
-            decoded=self._decoded, examples=list(self._examples),
+            decoded=self._decoded, examples=list(self._examples), cut_shards=dict(self._cut),
         )
 
 
@@ -174,6 +189,9 @@ class BadInputCounter:
 
     def exclude_shard(self, shard: str, reason: str, count: int) -> None:
         self.tally.exclude_shard(shard, reason, count)
+
+    def cut_shard(self, shard: str, reason: str, missing: int, detail: str = "") -> None:
+        self.tally.cut_shard(shard, reason, missing, detail)
 
     def record(self, decoded: int, bad: list[BadSample]) -> bool:
         return self.tally.record(decoded, bad)

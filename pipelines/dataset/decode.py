@@ -1,9 +1,9 @@
 """Decoding of the samples read from WebDataset shards: encoded bytes -> uint8 H x W x C pixels.
 
 ``decode`` is the first Ray Data stage of ``pipelines.dataset.streams``: it parses the rows that
-``read_webdataset`` produces (image bytes under ``IMAGE_FIELD``, the sample's ``json`` metadata, key
-and shard), decodes every image and drops, and counts, the samples that cannot be used (reasons in
-``pipelines.dataset.bad_input``). ``decode_image`` and ``pil_to_array`` decode one image.
+``pipelines.dataset.shard_reader`` produces (image bytes under ``IMAGE_FIELD``, the sample's ``json``
+metadata, key and shard), decodes every image and drops, and counts, the samples that cannot be used
+(reasons in ``pipelines.dataset.bad_input``). ``decode_image`` and ``pil_to_array`` decode one image.
 
 Decoding, whatever PIL mode the image has (documented choices):
 
@@ -34,8 +34,8 @@ import ray
 from PIL import Image, ImageOps
 
 from pipelines.dataset.bad_input import BadInputError, BadInputPolicy, BadSample
+from pipelines.dataset.image_header import IMAGE_EXTENSIONS
 from pipelines.dataset.info import parse_key
-from pipelines.dataset.sources import IMAGE_EXTENSIONS
 
 IMAGE_FIELD = "img"
 """Every image member (``.png``, ``.jpg``, ...) is renamed to this field while reading."""

@@ -6,8 +6,10 @@ One call appends the source's new items to ``datasets/<name>/`` (layout and comm
 1. read ``dataset.json`` and the manifest; drop source items whose ``source_id`` is already there
    (re-running an ingest adds nothing twice; ``--limit N`` takes the source's first N items before
    this step, so a re-run with the same limit is a no-op too);
-2. file sources only: check every new file's header in parallel (not an image, over ``max_pixels``
-   -> skipped and counted), so that ``sample_index`` can be assigned densely before writing;
+2. file sources only: check every new file in parallel, a full decode by the training decoder
+   (``pipelines.dataset.file_check``: the reasons a file is skipped and the cost), so that
+   ``sample_index`` can be assigned densely before writing; skipped files are counted per reason
+   with a few example paths (``IngestResult``, the ingest's record in ``dataset.json``);
 3. assign ``sample_index = num_samples, num_samples + 1, ...`` and cut shards of ``shard_size``
    (file sources are shuffled first, seeded, so that a shard mixes the class folders; array
    sources keep their order, so a fresh IDX/CIFAR/STL ingest has sample_index = source row);
@@ -32,12 +34,13 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from pipelines.dataset.file_check import probe_files
 from pipelines.dataset.info import (
     MANIFEST_SCHEMA,
     MAX_SHARD_SIZE,
@@ -51,15 +54,17 @@ from pipelines.dataset.info import (
     read_manifest,
     sample_key,
 )
+from pipelines.dataset.label_names import merge_label_names
 from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
-from pipelines.dataset.sources import ArraySource, FileTreeSource, ImageHeader, Source, SourceItem, probe_image
+from pipelines.dataset.sources import ArraySource, FileTreeSource, Source, SourceItem
 from pipelines.run_lock import LockHeldError, StorageLock
 from pipelines.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 
-_HEAD_BYTES = 256 << 10
 _LOCK = "_ingest.lock"
+EXAMPLES_PER_REASON = 3
+"""Source ids kept per skip reason in the result and in dataset.json."""
 
 
 @dataclass
@@ -99,11 +104,13 @@ class IngestResult:
     added: int
     already_present: int
     skipped: dict[str, int]
-    """Items not ingested, by reason (``not_an_image``, ``too_large``)."""
+    """Files or items not ingested, by reason (``pipelines.dataset.file_check.SKIP_REASONS``)."""
     shards_added: list[str]
     num_samples: int
     """Samples in the dataset after the ingest."""
     seconds: float
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    """Up to ``EXAMPLES_PER_REASON`` source ids per skip reason."""
 
 
 class Progress:
@@ -130,26 +137,6 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 # Work done in tasks
 # ---------------------------------------------------------------------------------------------
-
-
-def probe_files(root: Storage, refs: Sequence[str], max_pixels: int) -> list[ImageHeader | str]:
-    """Header check of files: an ``ImageHeader`` per usable file, else the reason it is skipped."""
-    out: list[ImageHeader | str] = []
-    for ref in refs:
-        head = root.read_head(ref, _HEAD_BYTES)
-        try:
-            header = probe_image(head)
-        except ValueError:
-            if len(head) < _HEAD_BYTES:
-                out.append("not_an_image")
-                continue
-            try:  # a header beyond the first bytes (large EXIF block): read the whole file
-                header = probe_image(root.read_bytes(ref))
-            except ValueError:
-                out.append("not_an_image")
-                continue
-        out.append("too_large" if header.pixels > max_pixels else header)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,19 +182,20 @@ def _run_tasks(fn: Callable[..., Any], arg_sets: Sequence[tuple[Any, ...]], size
     return results
 
 
-def _merge_label_names(info: DatasetInfo,
-                       names: list[str] | None) -> tuple[list[str] | None, dict[int, int] | None]:
-    """Labels of a new source in terms of the dataset's label names (new names are appended)."""
-    if names is None:
-        return info.label_names, None
-    if info.label_names is None:
-        if info.num_samples:
-            logger.warning("dataset %s has unnamed labels; the source's class names are not recorded",
-                           info.name)
-            return None, None
-        return list(names), None
-    merged = list(info.label_names) + [n for n in names if n not in info.label_names]
-    return merged, {i: merged.index(n) for i, n in enumerate(names)}
+class Skips:
+    """Items not ingested: the count per reason and the first ``EXAMPLES_PER_REASON`` source ids of each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, ids: Sequence[str]) -> None:
+        """Count ``ids`` under ``reason``; log the first few of each reason."""
+        kept = self.examples.setdefault(reason, [])
+        for source_id in ids[: max(0, EXAMPLES_PER_REASON - len(kept))]:
+            logger.warning("ingest: skipping %s (%s)", source_id, reason)
+            kept.append(source_id)
+        self.counts[reason] += len(ids)
 
 
 @contextlib.contextmanager
@@ -251,7 +239,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
         already = len(candidates) - len(new_items)
         logger.info("ingest %s <- %s: %d items, %d already in the dataset, %d new", dataset,
                     source_spec or type(source).__name__, len(candidates), already, len(new_items))
-        label_names, label_map = _merge_label_names(info, source.label_names)
+        label_names, label_map = merge_label_names(info, source.label_names,
+                                                   {it.source_id: it.label for it in source.items}, manifest)
         if label_map is not None:
             new_items = [SourceItem(it.source_id, None if it.label is None else label_map[it.label], it.ref)
                          for it in new_items]
@@ -260,15 +249,24 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
             # Folders are listed class by class; shuffle (seeded by name and version, so a re-run after a
             # crash cuts the same shards) so that every shard, and so every streamed block, mixes classes.
             random.Random(f"{dataset}:{info.version}").shuffle(new_items)
-        skipped: Counter[str] = Counter()
-        new_items, exts, channels = _usable_items(source, new_items, options, use_ray, skipped)
+        skips = Skips()
+        for reason, ids in (source.skipped.items() if isinstance(source, FileTreeSource) else ()):
+            skips.add(reason, ids)
+        new_items, exts, channels = _usable_items(source, new_items, options, use_ray, skips)
+        skipped = dict(skips.counts)
         if not new_items:
             if info.num_samples == 0 and not info.shards:
                 raise ValueError(
-                    f"source {source_spec or ''} has no usable images ({dict(skipped)}): check --source")
+                    f"source {source_spec or ''} has no usable images ({skipped}): check --source")
+            if label_names != info.label_names:  # names for a dataset ingested without them
+                info.label_names, info.version, info.updated = label_names, info.version + 1, now_iso()
+                info.ingests.append({"source": source_spec, "split": split, "added": 0, "skipped": skipped,
+                                     "skipped_examples": skips.examples, "shards": [], "time": info.updated,
+                                     "label_names": "set"})
+                commit(storage, info, manifest)
             logger.info("ingest %s: nothing new to add (dataset has %d samples)", dataset, info.num_samples)
-            return IngestResult(dataset, 0, already, dict(skipped), [], info.num_samples,
-                                time.monotonic() - start)
+            return IngestResult(dataset, 0, already, skipped, [], info.num_samples, time.monotonic() - start,
+                                skips.examples)
 
         plans = _plan_shards(new_items, exts, info, options.shard_size)
         written = _write_shards(storage, dataset, source, plans, options, use_ray)
@@ -282,25 +280,26 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
         info.version += 1
         info.updated = now_iso()
         info.ingests.append({"source": source_spec, "split": split, "added": added.num_rows,
-                             "skipped": dict(skipped), "shards": [w.name for w in written],
+                             "skipped": skipped, "skipped_examples": skips.examples,
+                             "shards": [w.name for w in written],
                              "time": info.updated})
         commit(storage, info, pa.concat_tables([manifest, added]))
     seconds = time.monotonic() - start
     logger.info("ingest %s: added %d images in %d shards (%d skipped: %s) in %.1f s; dataset has %d samples",
-                dataset, added.num_rows, len(written), sum(skipped.values()), dict(skipped), seconds,
+                dataset, added.num_rows, len(written), sum(skipped.values()), skipped, seconds,
                 info.num_samples)
-    return IngestResult(dataset, added.num_rows, already, dict(skipped), [w.name for w in written],
-                        info.num_samples, seconds)
+    return IngestResult(dataset, added.num_rows, already, skipped, [w.name for w in written],
+                        info.num_samples, seconds, skips.examples)
 
 
 def _usable_items(source: Source, items: list[SourceItem], options: IngestOptions, use_ray: bool,
-                  skipped: Counter[str]) -> tuple[list[SourceItem], list[str], int]:
-    """The items to write, their member extensions and the channels; the others counted in ``skipped``."""
+                  skips: Skips) -> tuple[list[SourceItem], list[str], int]:
+    """The items to write, their member extensions and the channels; the others counted in ``skips``."""
     if isinstance(source, FileTreeSource):
-        return _probe(source, items, options, use_ray, skipped)
+        return _probe(source, items, options, use_ray, skips)
     pixels = int(np.prod(source.parts[0].images.shape[1:3])) if source.parts else 0
     if pixels > options.max_pixels:
-        skipped["too_large"] += len(items)
+        skips.add("too_large", [it.source_id for it in items])
         items = []
     return items, ["png"] * len(items), source.channels
 
@@ -329,9 +328,9 @@ def _manifest_rows(plans: list[ShardPlan]) -> pa.Table:
 
 
 def _probe(source: FileTreeSource, items: list[SourceItem], options: IngestOptions, use_ray: bool,
-           skipped: Counter[str]) -> tuple[list[SourceItem], list[str], int]:
+           skips: Skips) -> tuple[list[SourceItem], list[str], int]:
     chunks = [items[lo: lo + options.shard_size] for lo in range(0, len(items), options.shard_size)]
-    progress = Progress("ingest: header check", len(items))
+    progress = Progress("ingest: file check", len(items))
     results = _run_tasks(
         probe_files, [(source.root, [str(it.ref) for it in chunk], options.max_pixels) for chunk in chunks],
         [len(c) for c in chunks], progress, use_ray, options.max_in_flight,
@@ -340,9 +339,7 @@ def _probe(source: FileTreeSource, items: list[SourceItem], options: IngestOptio
     for chunk, headers in zip(chunks, results, strict=True):
         for item, header in zip(chunk, headers, strict=True):
             if isinstance(header, str):
-                skipped[header] += 1
-                if skipped[header] <= 5:
-                    logger.warning("ingest: skipping %s (%s)", item.source_id, header)
+                skips.add(header, [item.source_id])
                 continue
             kept.append(item)
             exts.append(header.ext)

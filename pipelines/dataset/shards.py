@@ -16,8 +16,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from pipelines.dataset.image_header import encode_png, probe_image
 from pipelines.dataset.info import dataset_dir, sample_key, shard_name
-from pipelines.dataset.sources import SourceItem, encode_png, probe_image
+from pipelines.dataset.sources import SourceItem
 from pipelines.storage import Storage, join
 
 

@@ -14,37 +14,28 @@ skips ids that the dataset already holds, so re-running an ingest adds nothing t
 
 Spec strings (``--source``): ``idx:DIR``, ``cifar10:DIR``, ``cifar100:DIR`` (fine labels),
 ``cifar100-20:DIR`` (the 20 coarse super-classes), ``stl10:DIR``, ``folder:DIR`` or a plain directory,
-``s3://bucket/prefix``.
+``s3://bucket/prefix``. Class names: ``pipelines.dataset.label_names``.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import os
 import pickle
 import struct
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from pipelines.dataset.image_header import IMAGE_EXTENSIONS
+from pipelines.dataset.label_names import choose_label_names
 from pipelines.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"}
-)
-"""File name extensions (lower case) that a folder or bucket source treats as images."""
-
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
-               "TIFF": "tiff", "PPM": "ppm"}
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"})
 ARRAY_KINDS = ("idx", "cifar10", "cifar100", "cifar100-20", "stl10")
 SPLITS = {
     "idx": ("train", "test"),
@@ -65,42 +56,6 @@ class SourceItem:
     """Integer class where the source has one (index into the source's ``label_names`` if any)."""
     ref: str | int
     """Where to find it: a path relative to the tree root, or a row of the array source."""
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What a cheap header read tells about an encoded image."""
-
-    ext: str
-    """Member extension for its encoding (jpg, png, ...)."""
-    channels: int
-    """1 for grayscale modes, 3 otherwise."""
-    pixels: int
-
-
-def probe_image(data: bytes) -> ImageHeader:
-    """Identify an encoded image from its header; raises ValueError when it is not an image."""
-    if not data:
-        raise ValueError("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                fmt, mode, (width, height) = img.format or "", img.mode, img.size
-        except Image.DecompressionBombError:
-            return ImageHeader("unknown", 3, 1 << 62)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's "cannot identify image file" etc.
-            raise ValueError(f"not a readable image ({err})") from err
-    ext = _FORMAT_EXT.get(fmt, fmt.lower() or "bin")
-    return ImageHeader(ext, 1 if mode in _GRAY_MODES else 3, int(width) * int(height))
-
-
-def encode_png(array_HWC: np.ndarray) -> bytes:
-    """Encode a uint8 HxW or HxWx3 array as PNG."""
-    img = Image.fromarray(np.ascontiguousarray(array_HWC))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +284,8 @@ class FileTreeSource:
     root: Storage
     items: list[SourceItem]
     label_names: list[str] | None
-    skipped_non_images: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    """Files the listing already rules out, by reason (``non_image_file``, ``dangling_symlink``): their ids."""
 
     @property
     def description(self) -> str:
@@ -337,27 +293,48 @@ class FileTreeSource:
 
     @classmethod
     def scan(cls, root: Storage) -> FileTreeSource:
-        """List image files recursively (sorted); files directly under the root get no label."""
+        """List image files recursively (sorted); files directly under the root get no label.
+
+        A file whose name has no image extension (``IMAGE_EXTENSIONS``), or is hidden (starts with ``.``), is
+        a ``non_image_file``; in a local folder a symbolic link to nothing is a ``dangling_symlink`` (the
+        listing alone would not show it). Both are recorded in ``skipped``, never silently left out.
+        """
         root.check_reachable()
         entries = root.list("", recursive=True)
         if not entries and not root.exists(""):
             raise FileNotFoundError(f"source {root.root} does not exist: check --source")
-        images, skipped = [], 0
+        images: list[str] = []
+        skipped: dict[str, list[str]] = {}
         for entry in entries:
             name = entry.path.rsplit("/", 1)[-1]
             ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
             if name.startswith(".") or ext not in IMAGE_EXTENSIONS:
-                skipped += 1
+                skipped.setdefault("non_image_file", []).append(root.uri(entry.path))
                 continue
             images.append(entry.path)
+        if not root.is_s3:
+            dangling = _dangling_links(root.path(""))
+            if dangling:
+                skipped["dangling_symlink"] = [root.uri(p) for p in dangling]
         classes = sorted({p.split("/", 1)[0] for p in images if "/" in p})
         class_of = {c: i for i, c in enumerate(classes)}
         items = [
             SourceItem(root.uri(p), class_of[p.split("/", 1)[0]] if "/" in p else None, p) for p in images
         ]
-        if skipped:
-            logger.info("source %s: %d files without an image extension are not ingested", root.root, skipped)
+        for reason, ids in skipped.items():
+            logger.info("source %s: %d files skipped (%s), e.g. %s", root.root, len(ids), reason, ids[0])
         return cls(root, items, classes or None, skipped)
+
+
+def _dangling_links(top: str) -> list[str]:
+    """Paths (relative to ``top``, ``/``-separated, sorted) of symbolic links whose target does not exist."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in filenames + dirnames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                found.append(os.path.relpath(path, top).replace(os.sep, "/"))
+    return sorted(found)
 
 
 Source = ArraySource | FileTreeSource
@@ -377,14 +354,19 @@ def parse_splits(kind: str, split: str) -> list[str]:
 
 
 def open_source(spec: str, *, split: str = "train", s3_endpoint: str | None = None,
-                s3_region: str = "us-east-1") -> Source:
-    """Open the source named by a ``--source`` spec (see the module docstring)."""
-    if spec.startswith("s3://"):
-        return FileTreeSource.scan(Storage(spec, s3_endpoint, s3_region))
+                s3_region: str = "us-east-1", label_names: str | None = None) -> Source:
+    """Open the source named by a ``--source`` spec (see the module docstring).
+
+    ``label_names`` is the ``--label-names`` value (``pipelines.dataset.label_names``): it names the
+    classes of an array source; an IDX source without it takes the names its directory name suggests.
+    """
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in (*ARRAY_KINDS, "folder"):
+    if not sep or kind not in (*ARRAY_KINDS, "folder"):  # a plain path or s3://bucket/prefix
         kind, path = "folder", spec
     if kind == "folder":
+        if label_names is not None:
+            raise ValueError("--label-names is for array sources (idx, cifar, stl10): a folder or bucket source "
+                             "takes its class names from its top-level sub-folders")
         if path.startswith("s3://"):
             return FileTreeSource.scan(Storage(path, s3_endpoint, s3_region))
         if not os.path.isdir(path):
@@ -393,8 +375,14 @@ def open_source(spec: str, *, split: str = "train", s3_endpoint: str | None = No
     if not os.path.isdir(path):
         raise FileNotFoundError(f"source directory {path!r} for {kind} does not exist: check --source")
     splits = parse_splits(kind, split)
+    source: ArraySource
     if kind == "idx":
-        return load_idx(path, splits)
-    if kind == "stl10":
-        return load_stl10(path, splits)
-    return load_cifar(path, kind, splits)
+        source = load_idx(path, splits)
+    elif kind == "stl10":
+        source = load_stl10(path, splits)
+    else:
+        source = load_cifar(path, kind, splits)
+    labelled = [p.labels for p in source.parts if p.labels is not None and len(p.labels)]
+    source.label_names = choose_label_names(kind, path, label_names, source.label_names,
+                                            max(int(np.max(lab)) for lab in labelled) if labelled else None)
+    return source

@@ -3,7 +3,7 @@
 Pipeline (nothing is materialised; each epoch re-reads the shards):
 
 ```
-read_webdataset(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch,
+ShardDatasource(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch,
                 one read task per shard, its output split into blocks of ~ROWS_PER_BLOCK rows)
   -> map_batches "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
   -> map_batches "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
@@ -15,8 +15,9 @@ the object store; only the compact encoded bytes and the fixed-size uint8 views 
 ``decode`` stage, and how every PIL mode becomes uint8 pixels) is ``pipelines.dataset.decode``'s.
 
 Only shards listed in ``dataset.json`` are read (uncommitted shards of a failed ingest are ignored).
-Shards whose size differs from the recorded size are left out before reading (see
-``pipelines.dataset.bad_input`` for the whole bad-input policy).
+``pipelines.dataset.shard_reader`` reads them (WebDataset rows, as ``ray.data.read_webdataset`` gives) and
+keeps the whole samples before a damaged spot of a shard; shards that are gone or larger than ingest wrote
+them are left out before reading (``pipelines.dataset.bad_input`` has the whole bad-input policy).
 
 Randomness: the shard order of each epoch comes from ``FileShuffleConfig(seed,
 reseed_after_execution=True)`` (reproducible per epoch, different between epochs). Augmentation
@@ -38,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, cast
 
@@ -48,8 +49,9 @@ import ray.data
 from ray.data import FileShuffleConfig
 
 from pipelines.dataset.bad_input import BadInputError, BadInputPolicy, new_bad_input_counter
-from pipelines.dataset.decode import IMAGE_FIELD, decode, rename_member
+from pipelines.dataset.decode import decode
 from pipelines.dataset.info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info
+from pipelines.dataset.shard_reader import ShardDatasource
 from pipelines.storage import Storage, join
 from secu.augment import EvalTransform, eval_batch
 from secu.batch_augment import BatchTwoViewAugment
@@ -152,6 +154,8 @@ class DatasetPlan:
     """The ``BadInputCounter`` actor handle."""
     max_errored_blocks: int
     """Read tasks (= shards) allowed to fail within the policy's budget."""
+    truncated: list[str] = field(default_factory=list)
+    """Shards smaller than ingest wrote them: read up to the cut (``truncated_shard``)."""
 
 
 def selected_shards(info: DatasetInfo, shards: Collection[str] | None) -> list[ShardInfo]:
@@ -174,12 +178,13 @@ def selected_shards(info: DatasetInfo, shards: Collection[str] | None) -> list[S
 def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
                  counter: Any | None = None, shards: Collection[str] | None = None) -> DatasetPlan:
     """Check the committed shards (all, or the ones named in ``shards``) against their recorded sizes and
-    set up the bad-input counter (sized for the selected shards).
+    set up the bad-input counter (sized for the selected shards). Missing shards and shards larger than
+    recorded are left out; smaller ones (cut short) are read up to the cut.
 
     Raises:
         FileNotFoundError: The dataset does not exist (the message names the ingest command).
         ValueError: ``shards`` names a shard the dataset does not have.
-        BadInputError: Missing or truncated shards alone exceed the policy's budget.
+        BadInputError: Missing or changed shards alone exceed the policy's budget.
     """
     storage.check_reachable()
     info = load_dataset_info(storage, dataset)
@@ -190,16 +195,20 @@ def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
     if counter is None:
         counter = new_bad_input_counter(num_chosen, policy)
     present = {e.path: e.size for e in storage.list(join(dataset_dir(dataset), "shards"))}
-    paths, excluded, lost = [], {}, 0
+    paths, excluded, truncated, lost = [], {}, [], 0
     for shard in chosen:
         size = present.get(shard.name)
         if size is None:
             excluded[shard.name] = "missing_shard"
-        elif size != shard.bytes:
-            excluded[shard.name] = "truncated_shard"
-            logger.warning("shard %s has %d bytes, %d were written at ingest: left out (%d samples)",
+        elif size > shard.bytes:
+            excluded[shard.name] = "changed_shard"
+            logger.warning("shard %s has %d bytes, %d were written at ingest: replaced since, left out (%d samples)",
                            shard.name, size, shard.bytes, shard.count)
         else:
+            if size < shard.bytes:
+                truncated.append(shard.name)
+                logger.warning("shard %s has %d bytes, %d were written at ingest: its whole samples before the cut "
+                               "are read, the rest counted (truncated_shard)", shard.name, size, shard.bytes)
             paths.append(storage.path(dataset_dir(dataset), "shards", shard.name))
             continue
         lost += shard.count
@@ -207,12 +216,12 @@ def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
     budget = policy.budget(num_chosen)
     if lost > budget or not paths:
         raise BadInputError(
-            f"dataset {dataset!r}: shards {sorted(excluded)} are missing or truncated ({lost} of "
+            f"dataset {dataset!r}: shards {sorted(excluded)} are missing or changed since ingest ({lost} of "
             f"{num_chosen} samples, the policy allows {budget}); restore them or re-ingest the dataset"
         )
     largest = max(s.count for s in chosen)
     return DatasetPlan(info, paths, {s.name: s.first_index for s in info.shards}, excluded, counter,
-                       max_errored_blocks=(budget - lost) // max(largest, 1))
+                       max_errored_blocks=(budget - lost) // max(largest, 1), truncated=truncated)
 
 
 def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
@@ -221,16 +230,15 @@ def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy:
     # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
     largest = max(s.count for s in plan.info.shards)
     split = max(1, math.ceil(largest / ROWS_PER_BLOCK))
-    ds = ray.data.read_webdataset(
+    source = ShardDatasource(
         plan.paths,
+        counts={s.name: s.count for s in plan.info.shards},
+        reasons=dict.fromkeys(plan.truncated, "truncated_shard"),
+        counter=plan.counter,
         filesystem=storage.filesystem,
-        decoder=None,
-        file_extensions=["tar"],
         shuffle=shuffle,
-        override_num_blocks=len(plan.paths) * split,
-        filerename=rename_member,
-        suffixes=[IMAGE_FIELD, "json"],
     )
+    ds = ray.data.read_datasource(source, override_num_blocks=len(plan.paths) * split)
     ds.context.max_errored_blocks = plan.max_errored_blocks
     # casts: Ray types a UDF's batch as a union of formats; these stages take the numpy format they ask for.
     return ds.map_batches(

@@ -89,3 +89,42 @@ def test_module_entrypoint_help() -> None:
     out = subprocess.run([sys.executable, "-m", "jobs.ingest", "--help"], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2])
     assert "--source" in out.stdout and "--shard-size" in out.stdout and "idx:DIR" in out.stdout
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="the Fashion-MNIST files are not on this machine")
+def test_fashion_mnist_gets_its_class_names_and_a_rerun_adds_them_to_an_unnamed_dataset(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.INFO)
+    base = ["--dataset", "fm", "--storage", str(tmp_path / "st"), "--limit", "30", "--ray", "off"]
+    # First as if the directory said nothing: a copy under a neutral name, no names.
+    (tmp_path / "copy").mkdir()
+    for path in FASHION_MNIST.glob("t*-idx*-ubyte.gz"):
+        (tmp_path / "copy" / path.name).symlink_to(path)
+    assert ingest_job.main(["--source", f"idx:{tmp_path / 'copy'}", *base]) == 0
+    assert load_dataset_info(Storage(str(tmp_path / "st")), "fm").label_names is None
+    assert "pass --label-names to name the classes" in caplog.text
+    assert ingest_job.main(["--source", f"idx:{FASHION_MNIST}", *base, "--json"]) == 0
+    assert "label names from fashion-mnist, from the directory name" in caplog.text
+    info = load_dataset_info(Storage(str(tmp_path / "st")), "fm")
+    assert info.num_samples == 30 and info.label_names is not None
+    assert info.label_names[0] == "T-shirt/top" and info.label_names[9] == "Ankle boot"
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["added"], printed["already_present"], printed["num_samples"]) == (0, 30, 30)
+
+
+def test_summary_and_json_count_skipped_files_per_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.pipelines.dataset.bad_folder import write_bad_input_folder
+
+    folder = write_bad_input_folder(tmp_path / "lake")
+    caplog.set_level(logging.INFO)
+    argv = ["--source", str(folder.root), "--dataset", "lake", "--storage", str(tmp_path / "st"), "--json"]
+    assert ingest_job.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["skipped"] == folder.skipped and printed["added"] == len(folder.valid)
+    assert printed["skipped_examples"]["dangling_symlink"] == [str(folder.root / "a" / "gone.jpg")]
+    assert "8 skipped: corrupt 1, dangling_symlink 1, empty 1, non_image_file 2, not_an_image 1, too_large 1, " \
+           "truncated 1" in caplog.text

@@ -39,6 +39,8 @@ from pipelines.dataset.streams import build_eval_dataset, build_train_dataset
 from pipelines.storage import Storage
 from secu.config import AugmentConfig
 from tests.fixtures import image_bytes, write_idx_dataset
+from tests.pipelines.dataset.bad_folder import write_bad_input_folder
+from tests.pipelines.dataset.test_shard_reader import whole_before
 
 AUG = AugmentConfig(image_size=16, channels=1, mean=(0.5,), std=(0.5,))
 
@@ -118,12 +120,23 @@ def test_tally_counts_each_bad_sample_once() -> None:
     bad = [BadSample("s.tar", "k1", "undecodable"), BadSample("s.tar", "k2", "empty")]
     assert tally.record(10, bad) is False
     assert tally.record(10, bad) is False  # a second epoch sees the same samples
-    tally.exclude_shard("t.tar", "truncated_shard", 1)
-    tally.exclude_shard("t.tar", "truncated_shard", 1)
+    tally.exclude_shard("t.tar", "missing_shard", 1)
+    tally.exclude_shard("t.tar", "missing_shard", 1)
     report = tally.report()
-    assert report.bad == 3 and report.by_reason == {"undecodable": 1, "empty": 1, "truncated_shard": 1}
+    assert report.bad == 3 and report.by_reason == {"undecodable": 1, "empty": 1, "missing_shard": 1}
     assert report.budget == 3 and len(report.examples) == 2 and report.decoded == 20
     assert tally.record(0, [BadSample("s.tar", "k3", "too_large")]) is True
+
+
+def test_tally_counts_a_cut_shard_once_per_shard() -> None:
+    tally = BadInputTally(100, BadInputPolicy(max_bad_fraction=0.05))
+    tally.cut_shard("u.tar", "truncated_shard", 3, "ReadError: unexpected end of data")
+    tally.cut_shard("u.tar", "truncated_shard", 3)  # the next epoch reads it again
+    assert tally.report().by_reason == {"truncated_shard": 3} and tally.report().cut_shards == {"u.tar": 3}
+    tally.cut_shard("v.tar", "damaged_shard", 2)
+    report = tally.report()
+    assert report.bad == 5 and not report.over_limit and report.cut_shards == {"u.tar": 3, "v.tar": 2}
+    assert any("u.tar: truncated_shard (ReadError" in e for e in report.examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +275,19 @@ def test_each_bad_input_is_skipped_and_counted(tmp_path: Path, ray_cluster: None
     path = st.path("datasets/bad/shards", shard_name(2))
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])  # truncated copy: the size no longer matches
+    kept = [16 + p for p in whole_before(data, len(data) // 2)]
+    assert len(kept) == 2  # of its 4 samples (ids 16-19), the 2 whole ones before the cut are read
     policy = BadInputPolicy(max_bad_fraction=0.5, max_pixels=5000)
     counter = new_bad_input_counter(20, policy)
     ds = build_train_dataset(st, "bad", AugmentConfig(image_size=8, channels=1, mean=(0.5,), std=(0.5,)),
                              seed=0, policy=policy, counter=counter)
     for _ in range(2):
         ids = _ids(ds)
-        assert sorted(ids.tolist()) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]
+        assert sorted(ids.tolist()) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, *kept]
         report = verify_epoch(counter, len(ids))
     assert report.by_reason == {"undecodable": 1, "empty": 1, "non_image_member": 1, "too_large": 1,
-                                "truncated_shard": 4}
-    assert report.bad == 8 and report.excluded_shards == [shard_name(2)] and not report.over_limit
+                                "truncated_shard": 2}
+    assert report.bad == 6 and report.cut_shards == {shard_name(2): 2} and not report.over_limit
     assert any("s000000_0000006" in e and "undecodable" in e for e in report.examples)
 
 
@@ -284,13 +299,13 @@ def test_too_much_bad_input_fails_with_a_clear_message(tmp_path: Path, ray_clust
     with pytest.raises(Exception, match="too much bad input: .* the policy allows 2"):
         _ids(ds)
     path = st.path("datasets/bad/shards", shard_name(1))
-    open(path, "ab").write(b"\0" * 512)  # a shard replaced after ingest: its size changed
-    with pytest.raises(BadInputError, match=r"shards \['shard-000001.tar'\] are missing or truncated"):
+    open(path, "ab").write(b"\0" * 512)  # a shard replaced after ingest: larger than ingest wrote it
+    with pytest.raises(BadInputError, match=r"shards \['shard-000001.tar'\] are missing or changed since ingest"):
         build_train_dataset(st, "bad", AUG, seed=0, policy=BadInputPolicy(max_bad_fraction=0.1))
 
 
 @pytest.mark.ray
-def test_unreadable_shard_loses_its_rows_and_is_counted(tmp_path: Path, ray_cluster: None) -> None:
+def test_damaged_shard_loses_its_rows_and_is_counted(tmp_path: Path, ray_cluster: None) -> None:
     st = Storage(str(tmp_path / "store"))
     _make_dataset(st, "lost", [[_good(i) for i in range(5)] for _ in range(4)])
     path = st.path("datasets/lost/shards", shard_name(3))
@@ -300,12 +315,52 @@ def test_unreadable_shard_loses_its_rows_and_is_counted(tmp_path: Path, ray_clus
     policy = BadInputPolicy(max_bad_fraction=0.3)
     counter = new_bad_input_counter(20, policy)
     ids = _ids(build_train_dataset(st, "lost", AUG, seed=0, policy=policy, counter=counter))
-    assert sorted(ids.tolist()) == list(range(15))  # the read task failed; the job went on
+    assert sorted(ids.tolist()) == list(range(15))  # nothing before the damage; the job went on
     report = verify_epoch(counter, len(ids))
-    assert report.by_reason == {"lost": 5} and report.bad == 5
+    assert report.by_reason == {"damaged_shard": 5} and report.bad == 5 and report.cut_shards == {shard_name(3): 5}
     strict = new_bad_input_counter(20, BadInputPolicy(max_bad_fraction=0.2))
     with pytest.raises(BadInputError, match="5 of 20 samples bad"):
         verify_epoch(strict, 15)
+
+
+@pytest.mark.ray
+def test_truncated_shard_keeps_its_samples_before_the_cut(tmp_path: Path, ray_cluster: None) -> None:
+    st = Storage(str(tmp_path / "store"))
+    labels = _fm_dataset(tmp_path, st, n=23, shard_size=8)  # shards: ids 0-7, 8-15, 16-22
+    path = st.path("datasets/fm/shards", shard_name(1))
+    data = open(path, "rb").read()
+    cut = 14_500  # by hand, at a byte offset inside the sixth sample's image (samples take 2,560 bytes each)
+    open(path, "wb").write(data[:cut])
+    kept = [8 + p for p in whole_before(data, cut)]
+    assert kept == [8, 9, 10, 11, 12]
+    policy = BadInputPolicy(max_bad_fraction=0.2)  # budget 4 of 23: the 3 samples after the cut fit
+    counter = new_bad_input_counter(23, policy)
+    ids = _ids(build_train_dataset(st, "fm", AUG, seed=0, policy=policy, counter=counter))
+    assert sorted(ids.tolist()) == [*range(8), *kept, *range(16, 23)]
+    report = verify_epoch(counter, len(ids))
+    assert report.by_reason == {"truncated_shard": 3} and report.cut_shards == {shard_name(1): 3}
+    rows = list(build_eval_dataset(st, "fm", AUG, policy=policy, counter=counter).iter_rows())  # inference's
+    assert sorted(r["sample_index"] for r in rows) == [*range(8), *kept, *range(16, 23)]
+    assert all(r["label"] == labels[r["sample_index"]] for r in rows)
+    assert verify_epoch(counter, len(rows)).bad == 3  # the same shard read again: counted once
+
+
+@pytest.mark.ray
+def test_bad_input_folder_ingested_samples_all_decode_in_the_streams(tmp_path: Path, ray_cluster: None) -> None:
+    folder = write_bad_input_folder(tmp_path / "lake")
+    st = Storage(str(tmp_path / "store"))
+    res = ingest(st, "lake", open_source(str(folder.root)), IngestOptions(shard_size=6, use_ray=False))
+    assert res.added == len(folder.valid) and res.skipped == folder.skipped
+    strict = BadInputPolicy(max_bad_fraction=0.0)  # fail on the first sample the streams cannot decode
+    for channels in (1, 3):
+        aug = AugmentConfig(image_size=8, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+        counter = new_bad_input_counter(res.num_samples, strict)
+        rows = list(build_eval_dataset(st, "lake", aug, policy=strict, counter=counter).iter_rows())
+        assert sorted(r["sample_index"] for r in rows) == list(range(res.num_samples))
+        assert all(r["image"].shape == (channels, 8, 8) for r in rows)
+        assert verify_epoch(counter, len(rows)).bad == 0
+    train = _ids(build_train_dataset(st, "lake", AUG, seed=0, policy=strict))
+    assert sorted(train.tolist()) == list(range(res.num_samples))
 
 
 # ---------------------------------------------------------------------------------------------

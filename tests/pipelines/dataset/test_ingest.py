@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipelines.dataset.decode import decode_image
 from pipelines.dataset.info import MANIFEST_SCHEMA, load_dataset_info, load_manifest_labels, read_manifest
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArraySource, load_cifar, load_stl10, open_source
 from pipelines.run_lock import LockHeldError, LockInfo, StorageLock
 from pipelines.storage import Storage
 from tests.fixtures import image_bytes, write_cifar10, write_cifar100, write_idx_dataset, write_stl10
+from tests.pipelines.dataset.bad_folder import write_bad_input_folder
 
 INLINE = IngestOptions(shard_size=7, use_ray=False)
 
@@ -187,7 +189,7 @@ def test_image_folder_labels_modes_and_original_bytes(tmp_path: Path) -> None:
     st = Storage(str(tmp_path / "store"))
     src = open_source(str(tmp_path / "imgs"))
     res = ingest(st, "pets", src, IngestOptions(shard_size=3, max_pixels=100_000, use_ray=False))
-    assert res.added == 7 and res.skipped == {"not_an_image": 1, "too_large": 1}
+    assert res.added == 7 and res.skipped == {"non_image_file": 1, "not_an_image": 1, "too_large": 1}
     info = load_dataset_info(st, "pets")
     assert info.label_names == ["cat", "dog"] and info.channels == 3
     assert info.image_formats == ["jpg", "png", "tiff"] and info.image_format == "mixed"
@@ -284,3 +286,89 @@ def test_s3_target_and_s3_source(tmp_path: Path, moto_endpoint: str, s3_bucket: 
     assert not st.exists("datasets/lake/_ingest.lock")
     assert ingest(st, "lake", open_source(f"s3://{s3_bucket}/lake", s3_endpoint=moto_endpoint),
                   IngestOptions(use_ray=False)).added == 0
+
+
+def test_bad_input_folder_every_file_ingested_and_decodable_or_skipped_with_its_reason(tmp_path: Path) -> None:
+    folder = write_bad_input_folder(tmp_path / "lake", n_good=36)  # 52 good files and 8 bad, as in issue 17
+    st = Storage(str(tmp_path / "store"))
+    res = ingest(st, "lake", open_source(str(folder.root)), IngestOptions(shard_size=8, use_ray=False))
+    assert res.skipped == folder.skipped == {
+        "empty": 1, "not_an_image": 1, "truncated": 1, "corrupt": 1, "too_large": 1, "non_image_file": 2,
+        "dangling_symlink": 1}
+    assert res.added == len(folder.valid) == 52
+    root = str(folder.root)
+    expected_examples = {r: [f"{root}/{p}" for p in paths] for r, paths in folder.skipped_files.items()}
+    assert {r: sorted(ids) for r, ids in res.skipped_examples.items()} == expected_examples
+    record = load_dataset_info(st, "lake").ingests[-1]
+    assert record["skipped"] == folder.skipped and record["skipped_examples"] == res.skipped_examples
+
+    # Every ingested file: stored byte for byte and decoded by the training/inference decoder, at its size.
+    by_source = {meta["source"]: (ext, data) for ext, data, meta in _samples(st, "lake").values()}
+    assert sorted(by_source) == sorted(f"{root}/{rel}" for rel in folder.valid)
+    for rel, data in folder.valid.items():
+        ext, stored = by_source[f"{root}/{rel}"]
+        assert stored == data
+        width, height = folder.sizes[rel]
+        for channels in (1, 3):
+            assert decode_image(stored, channels, 50_000_000).shape == (height, width, channels), rel
+    assert by_source[f"{root}/a/png_named.jpg"][0] == "png" and by_source[f"{root}/b/photo.webp"][0] == "webp"
+
+    again = ingest(st, "lake", open_source(str(folder.root)), IngestOptions(use_ray=False))
+    assert (again.added, again.already_present, again.skipped) == (0, 52, folder.skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names
+# ---------------------------------------------------------------------------------------------
+
+
+def test_idx_label_names_from_the_option_or_the_directory_name(tmp_path: Path) -> None:
+    for name in ("fashion-mnist", "mnist", "digits"):
+        write_idx_dataset(tmp_path / name, 12, 1)
+    assert open_source(f"idx:{tmp_path / 'fashion-mnist'}").label_names == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert open_source(f"idx:{tmp_path / 'mnist'}").label_names == [str(d) for d in range(10)]
+    assert open_source(f"idx:{tmp_path / 'digits'}").label_names is None
+    write_idx_dataset(tmp_path / "FashionMNIST" / "raw", 12, 1)  # torchvision's layout
+    assert open_source(f"idx:{tmp_path / 'FashionMNIST' / 'raw'}").label_names == open_source(
+        f"idx:{tmp_path / 'fashion-mnist'}").label_names
+    assert open_source(f"idx:{tmp_path / 'digits'}", label_names="mnist").label_names == [str(d) for d in range(10)]
+    names_file = tmp_path / "classes.txt"
+    names_file.write_text("\n".join(f"c{k}" for k in range(10)) + "\n\n")
+    assert open_source(f"idx:{tmp_path / 'mnist'}", label_names=str(names_file)).label_names == [
+        f"c{k}" for k in range(10)]
+    assert open_source(f"idx:{tmp_path / 'digits'}", label_names=",".join("abcdefghij")).label_names == list(
+        "abcdefghij")
+    with pytest.raises(ValueError, match="labels up to 9 but 3 label names were given"):
+        open_source(f"idx:{tmp_path / 'digits'}", label_names="a,b,c")
+    with pytest.raises(ValueError, match="repeats \\['a'\\]"):
+        open_source(f"idx:{tmp_path / 'digits'}", label_names="a,a,b,c,d,e,f,g,h,i")
+    with pytest.raises(FileNotFoundError, match="--label-names file 'nope.txt' does not exist"):
+        open_source(f"idx:{tmp_path / 'digits'}", label_names="nope.txt")
+    with pytest.raises(ValueError, match="a folder or bucket source takes its class names from its top-level"):
+        open_source(str(_empty_dir(tmp_path)), label_names="mnist")
+
+
+def test_a_dataset_ingested_without_names_gets_them_when_the_labels_line_up(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path / "digits", 12, 4)
+    st = Storage(str(tmp_path / "store"))
+    spec = f"idx:{tmp_path / 'digits'}"
+    ingest(st, "d", open_source(spec), INLINE)
+    before = load_dataset_info(st, "d")
+    assert before.label_names is None and before.num_samples == 12
+
+    named = ingest(st, "d", open_source(spec, label_names="fashion-mnist"), INLINE)
+    after = load_dataset_info(st, "d")
+    assert (named.added, named.already_present, after.num_samples) == (0, 12, 12)  # no sample twice
+    assert after.label_names is not None and after.label_names[9] == "Ankle boot"
+    assert after.version == before.version + 1 and after.ingests[-1]["label_names"] == "set"
+    assert read_manifest(st, after).equals(read_manifest(st, before))
+
+    ingest(st, "e", open_source(spec), INLINE)  # unnamed, then names whose labels do not line up
+    other = ",".join(f"n{k}" for k in range(10))
+    (tmp_path / "other").mkdir()
+    for path in (tmp_path / "digits").iterdir():
+        (tmp_path / "other" / path.name).write_bytes(path.read_bytes())
+    ingest(st, "e", open_source(f"idx:{tmp_path / 'other'}", label_names=other, split="test"), INLINE)
+    info = load_dataset_info(st, "e")
+    assert info.label_names is None and info.num_samples == 16  # "none of its samples come from this source"
