@@ -69,8 +69,12 @@ class BadInputPolicy:
             raise ValueError(f"log_first={self.log_first} must be >= 0")
 
     def budget(self, num_samples: int) -> int:
-        """The largest number of bad samples allowed in a dataset of ``num_samples``."""
-        return math.floor(self.max_bad_fraction * num_samples + 1e-9)
+        """The largest number of bad samples allowed in a dataset of ``num_samples``: the fraction, rounded down,
+        but at least one when the fraction is above 0 (so that one bad file does not stop a collection of a
+        few dozen images under the default 1 %); 0 when the fraction is 0."""
+        if self.max_bad_fraction <= 0:
+            return 0
+        return max(1, math.floor(self.max_bad_fraction * num_samples + 1e-9))
 
 
 @dataclass(frozen=True)

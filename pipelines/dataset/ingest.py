@@ -210,8 +210,8 @@ def ingest_lock(storage: Storage, dataset: str, ttl_hours: float) -> Iterator[St
     try:
         lock.acquire()
     except LockHeldError as err:
-        raise LockHeldError(f"another ingest into this dataset is running, or crashed less than {ttl_hours:g} h "
-                            f"ago: {err}") from None
+        raise LockHeldError(f"another ingest into this dataset is running (a crashed one's lock lapses a few "
+                            f"minutes after its last heartbeat): {err}") from None
     try:
         yield lock
     finally:

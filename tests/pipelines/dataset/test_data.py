@@ -115,6 +115,16 @@ def test_decode_failures_name_the_reason() -> None:
         decode_image(truncated, 3, 10_000)
 
 
+def test_a_small_collection_may_hold_one_bad_file_under_a_nonzero_fraction() -> None:
+    """Issue 17: 53 images under the default 1 % had a budget of 0, so one bad file failed the run."""
+    default = BadInputPolicy()
+    assert [default.budget(n) for n in (53, 99, 100, 250, 10_000)] == [1, 1, 1, 2, 100]
+    assert BadInputPolicy(max_bad_fraction=0).budget(10_000) == 0
+    tally = BadInputTally(53, default)
+    assert tally.record(52, [BadSample("s.tar", "k1", "undecodable")]) is False
+    assert tally.record(0, [BadSample("s.tar", "k2", "undecodable")]) is True
+
+
 def test_tally_counts_each_bad_sample_once() -> None:
     tally = BadInputTally(100, BadInputPolicy(max_bad_fraction=0.03, log_first=2))
     bad = [BadSample("s.tar", "k1", "undecodable"), BadSample("s.tar", "k2", "empty")]
