@@ -55,6 +55,7 @@ from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
 from pipelines.dataset.sources import ArraySource, FileTreeSource, ImageHeader, Source, SourceItem, probe_image
 from pipelines.run_lock import LockHeldError, StorageLock
 from pipelines.storage import Storage, join
+from pipelines.tracking.ray_metrics import export_ingest
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
                 raise ValueError(
                     f"source {source_spec or ''} has no usable images ({dict(skipped)}): check --source")
             logger.info("ingest %s: nothing new to add (dataset has %d samples)", dataset, info.num_samples)
-            return IngestResult(dataset, 0, already, dict(skipped), [], info.num_samples,
-                                time.monotonic() - start)
+            return export_ingest(IngestResult(dataset, 0, already, dict(skipped), [], info.num_samples,
+                                              time.monotonic() - start))
 
         plans = _plan_shards(new_items, exts, info, options.shard_size)
         written = _write_shards(storage, dataset, source, plans, options, use_ray)
@@ -289,8 +290,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
     logger.info("ingest %s: added %d images in %d shards (%d skipped: %s) in %.1f s; dataset has %d samples",
                 dataset, added.num_rows, len(written), sum(skipped.values()), dict(skipped), seconds,
                 info.num_samples)
-    return IngestResult(dataset, added.num_rows, already, dict(skipped), [w.name for w in written],
-                        info.num_samples, seconds)
+    return export_ingest(IngestResult(dataset, added.num_rows, already, dict(skipped), [w.name for w in written],
+                                      info.num_samples, seconds))  # Ray metrics secu_ingest_* (pipelines.tracking)
 
 
 def _usable_items(source: Source, items: list[SourceItem], options: IngestOptions, use_ray: bool,
