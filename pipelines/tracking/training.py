@@ -38,7 +38,7 @@ class TrackingHandle:
 
     @contextlib.contextmanager
     def finishing(self, storage: Storage) -> Iterator[None]:
-        """Around ``TrainerFit``: the MLflow run ends FINISHED (with ``train_history.json``) when the block
+        """Around ``trainer.fit()``: the MLflow run ends FINISHED (with ``train_history.json``) when the block
         returns, FAILED when it raises (the error propagates)."""
         try:
             yield

@@ -72,7 +72,7 @@ class Progress:
 
     def figures(self) -> dict[str, float]:
         """The same as metric keys (``pipelines.tracking``): epoch, step, images/s and the time left."""
-        return {"epoch": self.epoch, "train/step": self.steps, "data/images_per_s": self.images_per_s,
+        return {"epoch": self.epoch, "train/steps": self.steps, "data/images_per_s": self.images_per_s,
                 "time/epoch_left_s": self.epoch_left_s, "time/run_left_s": self.run_left_s}
 
 
