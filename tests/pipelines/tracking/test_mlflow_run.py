@@ -122,3 +122,11 @@ def test_report_folder_and_metrics_json_as_artifacts(tracking: TrackingConfig, t
                                 "tags.`secu.run_id` = 'r6'")[0].info.run_id
     assert sorted(f.path for f in client.list_artifacts(run_id)) == ["metrics.json", "report"]
     assert sorted(f.path for f in client.list_artifacts(run_id, "report")) == ["report/clusters", "report/index.html"]
+
+
+def test_report_of_another_dataset_names_its_own_folder_and_metrics(tracking: TrackingConfig, tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_bytes_atomic("runs/r7/report-test/index.html", b"<html></html>")
+    storage.write_bytes_atomic("runs/r7/metrics-test.json", b"{}")
+    storage.write_bytes_atomic("runs/r7/metrics.json", b"{}")  # another output's: not logged
+    assert mlflow_run.log_report(tracking, storage, "r7", "assignments-test") == ["report-test", "metrics-test.json"]
