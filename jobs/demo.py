@@ -79,7 +79,10 @@ def demo(args: argparse.Namespace) -> int:
     collect(DEMO_KEYS, args.config, args.overrides)  # the chain's steps name the datasets and the run
     chain = steps(args)
     train_argv = next(argv for name, _, argv in chain if name == "train")
-    train_job.resolve_job(train_job.build_parser().parse_args(train_argv))  # bad keys/values fail before any work
+    job = train_job.resolve_job(train_job.build_parser().parse_args(train_argv))  # bad keys/values fail before work
+    if job.tracking.mlflow_enabled:  # the report step attaches the report and metrics to the training's MLflow run
+        next(argv for name, _, argv in chain if name == "report").extend(
+            ["--mlflow-uri", job.tracking.mlflow_uri, "--mlflow-experiment", job.tracking.mlflow_experiment])
     if not (Path(args.source) / "train-images-idx3-ubyte.gz").exists():
         raise FileNotFoundError(f"Fashion-MNIST is not at {args.source}: install Debian's package (apt-get install "
                                 "dataset-fashion-mnist) or pass --source DIR with the four IDX files")

@@ -8,10 +8,10 @@ ones; ``build_options`` turns the values into a dataclass with the field's type 
 False), so a wrong type is a ValueError naming the key.
 
 The training keys (jobs.train, jobs.recluster, jobs.self_label, jobs.demo): ``recipe``, ``dataset``, ``run_id``,
-``compute.<ComputeConfig field>`` and ``experiment.<key>``, where ``experiment.`` may be left out
-(``optim.lr=0.1``). ``build_train_job`` makes the one ``TrainJobConfig`` of the collected values: the recipe,
-then the values, validated together, then the run id, derived from that final config when none is given (so
-that the same settings resume the same run).
+``compute.<ComputeConfig field>``, ``tracking.<TrackingConfig field>`` and ``experiment.<key>``, where
+``experiment.`` may be left out (``optim.lr=0.1``). ``build_train_job`` makes the one ``TrainJobConfig`` of the
+collected values: the recipe, then the values, validated together, then the run id, derived from that final
+config when none is given (so that the same settings resume the same run).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipelines.tracking.config import TrackingConfig
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
 from secu.adapt import ADAPTED_KEYS
 from secu.config import ExperimentConfig
@@ -248,7 +249,7 @@ TRAIN_HELP = ("a training key: optim.lr=0.1, secu.ks=[10,20], compute.num_worker
 def train_keys(*, without: Sequence[str] = (), **sections: Any) -> KeySpace:
     """The training key space, less the top-level names ``without``, plus extra ``sections`` (name=dataclass)."""
     base: dict[str, Any] = {"recipe": None, "dataset": None, "run_id": None, "experiment": ExperimentConfig(),
-                            "compute": ComputeConfig()}
+                            "compute": ComputeConfig(), "tracking": TrackingConfig()}
     return KeySpace({k: v for k, v in (base | sections).items() if k not in without}, shorthand="experiment")
 
 
@@ -269,4 +270,5 @@ def build_train_job(values: Mapping[str, Any]) -> TrainJobConfig:
         compute=build_options(ComputeConfig, section(values, "compute"), "compute."),
         dataset=str(values.get("dataset") or DEFAULT_DATASET),
         run_id=str(values.get("run_id") or ""),
+        tracking=build_options(TrackingConfig, section(values, "tracking"), "tracking."),
     )

@@ -3,7 +3,7 @@
 Writes <storage>/runs/<run-id>/report/index.html with one page per cluster (clusters/c0042.html),
 thumbnails read from the dataset's shards, a cluster-size chart, training curves and, with labels,
 a confusion heat map. Open index.html in a browser; no server is needed. Uploaded when the storage
-is s3://.
+is s3://. With --mlflow-uri the report folder and the metrics JSON are also logged to the run's MLflow run.
 
 Examples:
     python -m jobs.report --storage ./data --run-id fm
@@ -32,16 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
                         set_help="override a report option, e.g. top=12 or thumb_px=96")
     add_output_args(parser)
     parser.add_argument("--head", type=int, default=None, help="the head whose clusters get pages (default 0)")
+    parser.add_argument("--mlflow-uri", default="", metavar="URI",
+                        help="also log the report folder and the metrics JSON as artifacts of the run's MLflow run "
+                             "(the training's tracking.mlflow_uri; needs pip install 'secu-ray[mlflow]')")
+    parser.add_argument("--mlflow-experiment", default="secu", metavar="NAME",
+                        help="the MLflow experiment of the run (the training's tracking.mlflow_experiment)")
     return parser
 
 
 def report(args: argparse.Namespace) -> int:
     """The job: resolve the options, check the storage, render and publish the report."""
     from pipelines.outputs.report import ReportOptions, build_report
+    from pipelines.tracking.config import TrackingConfig
+    from pipelines.tracking.mlflow_run import log_report, require_mlflow
 
     options = resolve_options(ReportOptions, args.config, args.overrides, {"head": args.head})
+    tracking = TrackingConfig(mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+    require_mlflow(tracking)
     storage = open_storage(args)
-    result = build_report(storage, args.run_id, output_name_for(storage, args), options)
+    name = output_name_for(storage, args)
+    result = build_report(storage, args.run_id, name, options)
+    log_report(tracking, storage, args.run_id, name)
     print(result.uri)
     return 0
 

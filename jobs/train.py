@@ -20,6 +20,7 @@ import sys
 
 from jobs.common import job_parser, run_job, storage_from_args
 from jobs.options import TRAIN_HELP, build_train_job, collect, train_keys
+from pipelines.tracking.mlflow_run import require_mlflow
 from pipelines.training.job_config import TrainJobConfig
 from secu.recipes import RECIPE_NAMES
 
@@ -50,7 +51,9 @@ def resolve_job(args: argparse.Namespace) -> TrainJobConfig:
     if not values.get("dataset"):
         raise ValueError("no dataset given: pass --dataset NAME (a dataset ingested under <storage>/datasets by "
                          "`secu ingest`), or set `dataset: NAME` in the --config file")
-    return build_train_job(values)
+    job = build_train_job(values)
+    require_mlflow(job.tracking)  # tracking.mlflow_uri without mlflow installed fails here, before any work
+    return job
 
 
 def train(args: argparse.Namespace) -> int:

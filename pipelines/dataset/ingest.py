@@ -59,6 +59,7 @@ from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
 from pipelines.dataset.sources import ArraySource, FileTreeSource, Source, SourceItem
 from pipelines.run_lock import LockHeldError, StorageLock
 from pipelines.storage import Storage, join
+from pipelines.tracking.ray_metrics import export_ingest
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +266,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
                                      "label_names": "set"})
                 commit(storage, info, manifest)
             logger.info("ingest %s: nothing new to add (dataset has %d samples)", dataset, info.num_samples)
-            return IngestResult(dataset, 0, already, skipped, [], info.num_samples, time.monotonic() - start,
-                                skips.examples)
+            return export_ingest(IngestResult(dataset, 0, already, skipped, [], info.num_samples,
+                                              time.monotonic() - start, skips.examples))
 
         plans = _plan_shards(new_items, exts, info, options.shard_size)
         written = _write_shards(storage, dataset, source, plans, options, use_ray)
@@ -288,8 +289,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
     logger.info("ingest %s: added %d images in %d shards (%d skipped: %s) in %.1f s; dataset has %d samples",
                 dataset, added.num_rows, len(written), sum(skipped.values()), skipped, seconds,
                 info.num_samples)
-    return IngestResult(dataset, added.num_rows, already, skipped, [w.name for w in written],
-                        info.num_samples, seconds, skips.examples)
+    return export_ingest(IngestResult(dataset, added.num_rows, already, skipped, [w.name for w in written],
+                                      info.num_samples, seconds, skips.examples))  # Ray metrics (pipelines.tracking)
 
 
 def _usable_items(source: Source, items: list[SourceItem], options: IngestOptions, use_ray: bool,

@@ -52,6 +52,7 @@ from pipelines.outputs.schema import (
     similarity_column,
 )
 from pipelines.storage import Storage, join
+from pipelines.tracking.ray_metrics import export_inference
 from pipelines.training.checkpointing import (
     CheckpointRef,
     LoadedCheckpoint,
@@ -366,7 +367,7 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
         "skipped": {"count": expected - rows, "by_reason": bad.by_reason, "examples": bad.examples},
     }
     marker = publish(storage, out_rel, staging_rel, marker)
-    return InferenceResult(run_id=run_id, name=name, uri=storage.uri(out_rel), rows=rows, checkpoint=ref.label,
-                           checkpoint_epoch=ref.epoch, dataset=dataset, seconds=seconds,
-                           images_per_s=rows / max(seconds, 1e-9), marker=marker)
+    return export_inference(storage, InferenceResult(  # also as Ray metrics secu_* (pipelines.tracking)
+        run_id=run_id, name=name, uri=storage.uri(out_rel), rows=rows, checkpoint=ref.label, checkpoint_epoch=ref.epoch,
+        dataset=dataset, seconds=seconds, images_per_s=rows / max(seconds, 1e-9), marker=marker))
 

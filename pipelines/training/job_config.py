@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.tracking.config import TrackingConfig
 from secu.config import ExperimentConfig
 from secu.overrides import apply_overrides, merge
 from secu.recipes import recipe
@@ -69,7 +70,8 @@ class ComputeConfig:
 
 @dataclass
 class TrainJobConfig:
-    """One training run: what to train (experiment), on what (dataset), where (storage), how (compute)."""
+    """One training run: what to train (experiment), on what (dataset), where (storage), how (compute), where its
+    figures go (tracking)."""
 
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -78,6 +80,8 @@ class TrainJobConfig:
     run_id: str = ""
     """Stable run id: resubmitting the same id resumes from its last checkpoint. Derived from the
     config when empty."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Ray metrics and the optional MLflow run (``pipelines.tracking``); not part of the derived run id."""
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -105,27 +109,32 @@ class TrainJobConfig:
             "compute": dataclasses.asdict(self.compute),
             "dataset": self.dataset,
             "run_id": self.run_id,
+            "tracking": dataclasses.asdict(self.tracking),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainJobConfig:
         """Inverse of ``to_dict``; validates."""
         # "history" is the per-epoch metrics log that checkpoints carry beside the config.
-        unknown = set(data) - {"experiment", "compute", "dataset", "run_id", "recipe", "history"}
+        unknown = set(data) - {"experiment", "compute", "dataset", "run_id", "recipe", "tracking", "history"}
         if unknown:
             raise ValueError(f"unknown train config keys {sorted(unknown)}; valid: experiment, compute, "
-                             "dataset, run_id, recipe")
+                             "dataset, run_id, recipe, tracking")
         base = recipe(data["recipe"]) if data.get("recipe") else ExperimentConfig()
         experiment = _merge_experiment(base, data.get("experiment", {}))
         compute_in = data.get("compute") or {}
         if not isinstance(compute_in, dict):
             raise ValueError(f"train config key 'compute' needs a mapping, got {compute_in!r}")
+        tracking_in = data.get("tracking") or {}
+        if not isinstance(tracking_in, dict):
+            raise ValueError(f"train config key 'tracking' needs a mapping, got {tracking_in!r}")
         return cls(
             experiment=experiment,
             # merge converts each value to its field's type (a YAML "4" for num_workers) and names unknown keys
             compute=merge(ComputeConfig(), compute_in, prefix="compute."),
             dataset=str(data.get("dataset", "fashion-mnist")),
             run_id=str(data.get("run_id", "")),
+            tracking=merge(TrackingConfig(), tracking_in, prefix="tracking."),
         )
 
 
@@ -144,14 +153,16 @@ def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def apply_job_overrides(job: TrainJobConfig, overrides: list[str]) -> TrainJobConfig:
-    """Apply ``--set`` overrides: ``compute.x=..``, ``dataset=..``, or experiment keys
+    """Apply ``--set`` overrides: ``compute.x=..``, ``tracking.x=..``, ``dataset=..``, or experiment keys
     (``optim.lr=0.1`` or ``experiment.optim.lr=0.1``)."""
-    experiment, compute = job.experiment, job.compute
+    experiment, compute, tracking = job.experiment, job.compute, job.tracking
     dataset, run_id = job.dataset, job.run_id
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if key.startswith("compute."):
             compute = apply_overrides(compute, [text[len("compute."):]])
+        elif key.startswith("tracking."):
+            tracking = apply_overrides(tracking, [text[len("tracking."):]])
         elif key == "dataset":
             dataset = text.split("=", 1)[1].strip()
         elif key == "run_id":
@@ -159,7 +170,7 @@ def apply_job_overrides(job: TrainJobConfig, overrides: list[str]) -> TrainJobCo
         else:
             stripped = text[len("experiment."):] if key.startswith("experiment.") else text
             experiment = apply_overrides(experiment, [stripped])
-    return TrainJobConfig(experiment=experiment, compute=compute, dataset=dataset, run_id=run_id)
+    return TrainJobConfig(experiment=experiment, compute=compute, dataset=dataset, run_id=run_id, tracking=tracking)
 
 
 def default_run_id(experiment: ExperimentConfig, dataset: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.storage import Storage
@@ -47,10 +48,37 @@ class MetricsLog:
         return ", ".join(f"{k}={row[k]:.4g}" for k in keys if k in row and isinstance(row[k], int | float))
 
 
-def progress_line(epoch: int, epochs: int, steps: int, steps_per_epoch: int, global_batch: int,
-                  epoch_elapsed_s: float, seconds_per_epoch: float | None) -> str:
-    """``epoch 3/12 step 50/234 (21%), 812 img/s, epoch left 3m47s, run left 41m``: where a run stands, for the
-    training log line every ``compute.log_every`` steps.
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands at a step: the figures of the training log line every ``compute.log_every`` steps."""
+
+    epoch: int
+    """The running epoch (0-based)."""
+    epochs: int
+    steps: int
+    """Steps done in this epoch."""
+    steps_per_epoch: int
+    images_per_s: float
+    """This epoch's pace over all ranks."""
+    epoch_left_s: float
+    run_left_s: float
+
+    def line(self) -> str:
+        """``epoch 3/12 step 50/234 (21%), 812 img/s, epoch left 3m47s, run left 41m``."""
+        share = 100 * self.steps / max(self.steps_per_epoch, 1)
+        return (f"epoch {self.epoch + 1}/{self.epochs} step {self.steps}/{self.steps_per_epoch} ({share:.0f}%), "
+                f"{self.images_per_s:.0f} img/s, epoch left {_duration(self.epoch_left_s)}, "
+                f"run left {_duration(self.run_left_s)}")
+
+    def figures(self) -> dict[str, float]:
+        """The same as metric keys (``pipelines.tracking``): epoch, step, images/s and the time left."""
+        return {"epoch": self.epoch, "train/steps": self.steps, "data/images_per_s": self.images_per_s,
+                "time/epoch_left_s": self.epoch_left_s, "time/run_left_s": self.run_left_s}
+
+
+def progress(epoch: int, epochs: int, steps: int, steps_per_epoch: int, global_batch: int,
+             epoch_elapsed_s: float, seconds_per_epoch: float | None) -> Progress:
+    """Where a run stands after ``steps`` steps of ``epoch``.
 
     Args:
         epoch: the running epoch (0-based); ``epochs``: the run's total.
@@ -64,9 +92,14 @@ def progress_line(epoch: int, epochs: int, steps: int, steps_per_epoch: int, glo
     epoch_left = max(0, steps_per_epoch - steps) / max(rate, 1e-9)
     per_epoch = seconds_per_epoch if seconds_per_epoch is not None else steps_per_epoch / max(rate, 1e-9)
     run_left = epoch_left + per_epoch * max(0, epochs - epoch - 1)
-    share = 100 * steps / max(steps_per_epoch, 1)
-    return (f"epoch {epoch + 1}/{epochs} step {steps}/{steps_per_epoch} ({share:.0f}%), "
-            f"{rate * global_batch:.0f} img/s, epoch left {_duration(epoch_left)}, run left {_duration(run_left)}")
+    return Progress(epoch=epoch, epochs=epochs, steps=steps, steps_per_epoch=steps_per_epoch,
+                    images_per_s=rate * global_batch, epoch_left_s=epoch_left, run_left_s=run_left)
+
+
+def progress_line(epoch: int, epochs: int, steps: int, steps_per_epoch: int, global_batch: int,
+                  epoch_elapsed_s: float, seconds_per_epoch: float | None) -> str:
+    """``epoch 3/12 step 50/234 (21%), 812 img/s, epoch left 3m47s, run left 41m`` (``progress(...).line()``)."""
+    return progress(epoch, epochs, steps, steps_per_epoch, global_batch, epoch_elapsed_s, seconds_per_epoch).line()
 
 
 def _duration(seconds: float) -> str:

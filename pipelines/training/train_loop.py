@@ -35,6 +35,7 @@ from torch import nn
 
 from pipelines.dataset.bad_input import verify_epoch
 from pipelines.storage import Storage
+from pipelines.tracking.training import TrackingHandle, TrainingTracker
 from pipelines.training.checkpointing import (
     CheckpointRef,
     TrainingState,
@@ -46,7 +47,7 @@ from pipelines.training.checkpointing import (
 from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.fail_fast import disk_full, no_space
 from pipelines.training.job_config import TrainJobConfig
-from pipelines.training.metrics_log import MetricsLog, progress_line
+from pipelines.training.metrics_log import MetricsLog, progress
 from pipelines.training.warm_start import WarmStart
 from secu import distributed
 from secu.diagnose import collapsed_heads, warn_if_duals_cycle
@@ -69,6 +70,8 @@ class WorkerInputs:
     """The bad-input counter actor (``pipelines.dataset.bad_input``)."""
     warm_start: Any = None
     """An object ref to a ``WarmStart``, or None."""
+    tracking: TrackingHandle | None = None
+    """Where rank 0 exports the figures (Ray metrics, the MLflow run); None: nowhere."""
 
 
 class _RankZeroLogger:
@@ -198,7 +201,8 @@ def _close_epoch_on_rank_zero(inputs: WorkerInputs, method: ClusteringMethod, re
     job, world = inputs.job, ray.train.get_context().get_world_size()
     # Rows that never arrived (a damaged shard) count against the bad-input budget. The split gives
     # every rank the same number of rows and may drop up to world - 1 of them.
-    verify_epoch(inputs.bad_input_counter, rows_seen=delivered_all + world - 1)
+    bad = verify_epoch(inputs.bad_input_counter, rows_seen=delivered_all + world - 1)
+    metrics["data/bad_inputs"] = float(bad.bad)
     closing = result.summary.cluster_state
     metrics.update(inputs.coordinator.end_epoch(
         None if closing is None else [c.numpy() for c in closing.counters],
@@ -257,6 +261,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log = _RankZeroLogger(rank == 0)
+    tracker = TrainingTracker(inputs.tracking, enabled=rank == 0)
     torch.set_num_threads(job.compute.torch_threads or max(1, int(job.compute.cpus_per_worker)))
     device = ray.train.torch.get_device()
     iters_per_epoch = max(1, (inputs.num_samples // world) // job.local_batch_size)
@@ -276,9 +281,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         def on_step(steps: int, epoch: int = epoch, t_epoch: float = t_epoch, per_epoch: float | None = per_epoch
                     ) -> None:
             if steps % job.compute.log_every == 0:
-                log.info("%s; %s", progress_line(epoch, exp.optim.epochs, steps, iters_per_epoch,
-                                                 job.local_batch_size * world, time.perf_counter() - t_epoch,
-                                                 per_epoch), method.progress())
+                now = progress(epoch, exp.optim.epochs, steps, iters_per_epoch, job.local_batch_size * world,
+                               time.perf_counter() - t_epoch, per_epoch)
+                log.info("%s; %s", now.line(), method.progress())
+                tracker.progress(now.figures())
             if rank == min(1, world - 1):
                 _maybe_fire_fault(job, inputs.storage, "worker", epoch, steps, coordinator)
             if rank == 0:
@@ -299,6 +305,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = _close_epoch_on_rank_zero(inputs, method, result, metrics, delivered_all, history,
                                                  save_now, tmp)
             log.info("epoch %d done in %.1fs: %s", epoch, elapsed, MetricsLog.format_line(metrics))
+            tracker.epoch_end(metrics)  # a no-op off rank 0, like the logger
             try:
                 ray.train.report(metrics, checkpoint=ckpt)
             except (OSError, RuntimeError) as err:  # the checkpoint's upload to the run's storage
@@ -309,3 +316,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if epoch == job.compute.stop_after_epoch:
             log.info("stopping after epoch %d as configured (compute.stop_after_epoch)", epoch)
             break
+    tracker.close()

@@ -23,6 +23,8 @@ from pipelines.dataset.info import DatasetInfo, load_dataset_info, load_manifest
 from pipelines.dataset.streams import build_eval_dataset, build_train_dataset
 from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage, join
+from pipelines.tracking.mlflow_run import require_mlflow
+from pipelines.tracking.training import start_tracking
 from pipelines.training.checkpointing import (
     CHECKPOINTS_DIR,
     checkpoint_at,
@@ -70,6 +72,7 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
             warm-start from (``pipelines.training.warm_start``) while this run has no checkpoint of its own; once
             it has one, the run resumes from it and ``init_from`` is not used.
     """
+    require_mlflow(job.tracking)  # tracking.mlflow_uri without mlflow installed: fail before anything else
     storage.check_reachable()
     info: DatasetInfo = load_dataset_info(storage, job.dataset)
     job = adapt_job(job, info.num_samples)
@@ -101,6 +104,7 @@ def _datasets(job: TrainJobConfig, storage: Storage, policy: BadInputPolicy, cou
 
 def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: str | None) -> TrainOutcome:
     """Everything after the checks: warm start, Ray, dataset, coordinator, ``TorchTrainer.fit``."""
+    tracking = start_tracking(job)  # the MLflow run is opened (or refused) before any Ray work
     warm_start = _warm_start(job, storage, init_from, info.num_samples) if init_from else None
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
@@ -121,7 +125,8 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
         train_loop_per_worker,
         train_loop_config={"inputs": WorkerInputs(
             job=job, storage=storage, coordinator=coordinator, num_samples=info.num_samples,
-            bad_input_counter=bad_input_counter, warm_start=None if warm_start is None else ray.put(warm_start))},
+            bad_input_counter=bad_input_counter, warm_start=None if warm_start is None else ray.put(warm_start),
+            tracking=tracking)},
         torch_config=TorchConfig(backend="nccl" if job.compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=job.compute.num_workers, use_gpu=job.compute.use_gpu,
@@ -143,7 +148,8 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
                 storage.join("runs", job.run_id, CHECKPOINTS_DIR))
     set_aside_stale_ray_snapshot(storage, job.run_id)
     try:
-        result = trainer.fit()
+        with tracking.finishing(storage):
+            result = trainer.fit()
     finally:
         coordinator.shutdown()
     checkpoint_path = result.checkpoint.path if result.checkpoint is not None else None
