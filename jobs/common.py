@@ -151,7 +151,7 @@ def classify_error(err: BaseException) -> UserFailure | None:
     if _is_ray_error(err):
         return _classify_ray_error(err)
     bad_input = _loaded_class("pipelines.dataset.bad_input", "BadInputError")
-    damaged = _loaded_class("pipelines.training.checkpointing", "CheckpointDamagedError")
+    damaged = _loaded_class("pipelines.training.checkpoint_integrity", "CheckpointDamagedError")
     if isinstance(err, LockHeldError):
         return UserFailure(EXIT_LOCKED, "refused", _one_paragraph(err))
     if bad_input is not None and isinstance(err, bad_input):

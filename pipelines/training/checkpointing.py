@@ -18,21 +18,19 @@ records (a copy interrupted mid-way, or a disk that filled while the checkpoint 
 that); checkpoints written before sizes were recorded need a non-empty ``model.pt``. The latest is the
 complete one with the highest epoch (then global step, then name). Every read of ``model.pt`` or
 ``coordinator.pt`` checks the recorded SHA-256 and raises ``CheckpointDamagedError`` naming the file on
-a mismatch; ``find_latest_checkpoint`` and ``newest_intact_checkpoint`` then fall back to the previous
-checkpoint with a warning. A remote checkpoint is read from a temporary local copy
-(``model.pt`` and the metadata; ``coordinator.pt`` only when asked for: inference does not need it).
-``publish_checkpoint`` writes a checkpoint directory onto storage directly (the reclustering's aligned
-copy), metadata last.
+a mismatch (``pipelines.training.checkpoint_integrity``); ``find_latest_checkpoint`` and
+``newest_intact_checkpoint`` then fall back to the previous checkpoint with a warning. A remote
+checkpoint is read from a temporary local copy (``model.pt`` and the metadata; ``coordinator.pt`` only
+when asked for: inference does not need it). ``publish_checkpoint`` writes a checkpoint directory onto
+storage directly (the reclustering's aligned copy), metadata last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -43,6 +41,16 @@ from typing import Any
 import torch
 
 from pipelines.storage import Storage, join
+from pipelines.training.checkpoint_integrity import (
+    CHECKPOINTS_DIR,
+    META_FILE,
+    CheckpointDamagedError,
+    file_record,
+    recorded_files,
+    sha256,
+    torch_load,
+    verify_local,
+)
 from pipelines.training.coordinator_state import CoordinatorState
 from pipelines.training.job_config import TrainJobConfig
 from secu.method import ClusteringMethod
@@ -55,17 +63,8 @@ FORMAT_VERSION = 1
 """Version of ``model.pt`` and of the metadata (bumped on incompatible changes; older ones keep being read)."""
 MODEL_FILE = "model.pt"
 COORDINATOR_FILE = "coordinator.pt"
-META_FILE = "secu_checkpoint.json"
-CHECKPOINTS_DIR = "checkpoints"
 JOB_CONFIG_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe")
 """The keys of ``TrainingState.job`` that are the job config (the others, e.g. ``history``, ride along)."""
-
-_HASH_CHUNK = 8 << 20
-
-
-class CheckpointDamagedError(ValueError):
-    """A checkpoint file does not match the size or checksum its metadata records."""
-
 
 _MODEL_KEYS = ("network", "optimizer", "cluster_state", "epoch", "global_step", "job")
 
@@ -123,53 +122,10 @@ def _write_files(path: Path, state: TrainingState, coordinator_state: Coordinato
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state.to_dict(), path / MODEL_FILE)
     torch.save(coordinator_state.to_dict(), path / COORDINATOR_FILE)
-    files = {name: _file_record(path / name) for name in (MODEL_FILE, COORDINATOR_FILE)}
+    files = {name: file_record(path / name) for name in (MODEL_FILE, COORDINATOR_FILE)}
     meta = {"epoch": state.epoch, "global_step": state.global_step, "run_id": state.job.get("run_id"),
             "format_version": FORMAT_VERSION, "files": files} | extra_meta
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as handle:
-        digest = _sha256(handle)
-    return {"bytes": path.stat().st_size, "sha256": digest}
-
-
-def _sha256(handle: Any) -> str:
-    h = hashlib.sha256()
-    while chunk := handle.read(_HASH_CHUNK):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _recorded_files(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The ``files`` record of a checkpoint's metadata ({} for checkpoints written before it existed)."""
-    files = meta.get("files")
-    return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
-
-
-def _verify_local(directory: Path, name: str) -> None:
-    """Check ``directory/name`` against the size and SHA-256 recorded beside it (nothing to check when the
-    metadata is absent or older than the record)."""
-    try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
-        return
-    record = _recorded_files(meta if isinstance(meta, dict) else {}).get(name)
-    if record is None:
-        return
-    path = directory / name
-    size = path.stat().st_size
-    if size != record.get("bytes"):
-        raise CheckpointDamagedError(
-            f"{path} has {size:,} bytes where its checkpoint recorded {record.get('bytes'):,}: the file is damaged "
-            "(a copy or a disk that filled cut it short)")
-    with open(path, "rb") as handle:
-        digest = _sha256(handle)
-    if digest != record.get("sha256"):
-        raise CheckpointDamagedError(
-            f"{path} does not match the SHA-256 its checkpoint recorded ({digest[:12]}... against "
-            f"{str(record.get('sha256'))[:12]}...): the file was changed or damaged after it was written")
 
 
 def load_training_state(directory: str | os.PathLike[str]) -> TrainingState:
@@ -177,8 +133,8 @@ def load_training_state(directory: str | os.PathLike[str]) -> TrainingState:
     path = Path(directory) / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this is not a SeCu training checkpoint")
-    _verify_local(Path(directory), MODEL_FILE)
-    return TrainingState.from_dict(_torch_load(path), where=str(path))
+    verify_local(Path(directory), MODEL_FILE)
+    return TrainingState.from_dict(torch_load(path), where=str(path))
 
 
 def load_coordinator_state(directory: str | os.PathLike[str]) -> CoordinatorState:
@@ -186,17 +142,8 @@ def load_coordinator_state(directory: str | os.PathLike[str]) -> CoordinatorStat
     path = Path(directory) / COORDINATOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: this checkpoint has no coordinator state")
-    _verify_local(Path(directory), COORDINATOR_FILE)
-    return CoordinatorState.from_dict(_torch_load(path), where=str(path))
-
-
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` on the CPU; a file torch cannot parse (cut short, overwritten) is a damaged checkpoint."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # torch: OSError EINVAL on a cut zip
-        raise CheckpointDamagedError(f"{path} cannot be read ({' '.join(str(err).split())[:200]}): the file is "
-                                     "damaged") from None
+    verify_local(Path(directory), COORDINATOR_FILE)
+    return CoordinatorState.from_dict(torch_load(path), where=str(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +175,7 @@ def _inspect(location: Storage) -> tuple[dict[str, Any] | None, str]:
         return None, f"{META_FILE} is missing"
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None, f"{META_FILE} is unreadable"
-    recorded = _recorded_files(meta)
+    recorded = recorded_files(meta)
     for name, record in recorded.items():
         size = location.size(name)
         if size != record.get("bytes"):
@@ -270,13 +217,13 @@ def verify_checkpoint(ref: CheckpointRef, names: Sequence[str] = (MODEL_FILE,)) 
     meta, problem = _inspect(ref.location)
     if meta is None:
         raise CheckpointDamagedError(f"checkpoint {ref.label}: {problem}")
-    recorded = _recorded_files(meta)
+    recorded = recorded_files(meta)
     for name in names:
         record = recorded.get(name)
         if record is None:
             continue
         with ref.location.filesystem.open_input_stream(ref.location.path(name)) as handle:
-            digest = _sha256(handle)
+            digest = sha256(handle)
         if digest != record.get("sha256"):
             raise CheckpointDamagedError(
                 f"checkpoint {ref.label}: {name} does not match the SHA-256 its metadata records: the file was "
@@ -354,41 +301,6 @@ def checkpoint_at(path: str, storage: Storage) -> CheckpointRef:
             f"it records are required); pass a runs/<run_id>/checkpoints/checkpoint_* directory"
         )
     return CheckpointRef(location, location.uri(), meta["epoch"], meta["global_step"], meta.get("run_id"))
-
-
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-"""Ray Train's record of the reported checkpoints, beside them (Ray >= 2.51)."""
-
-
-def set_aside_stale_ray_snapshot(storage: Storage, run_id: str) -> str | None:
-    """Move Ray Train's checkpoint snapshot aside when it names a checkpoint folder that is gone.
-
-    Ray refuses to start a run whose snapshot references a deleted checkpoint ("The run snapshot contains
-    a reference to a checkpoint that does not exist anymore"); the training loop resumes from the newest
-    intact checkpoint on storage instead of Ray's record, so the record can go. Returns the new name of
-    the snapshot (``checkpoint_manager_snapshot.json.stale-<n>``), or None when it was fine or absent.
-    """
-    base = join("runs", run_id, CHECKPOINTS_DIR)
-    rel = join(base, RAY_SNAPSHOT_FILE)
-    try:
-        data = json.loads(storage.read_bytes(rel).decode("utf-8"))
-        names = [str(r["checkpoint_dir_name"]) for r in data.get("checkpoint_results", [])]
-        missing = [n for n in names if not storage.list(join(base, n))]
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
-        missing = ["(the snapshot is unreadable)"]
-    if not missing:
-        return None
-    n = 0
-    while storage.exists(f"{rel}.stale-{n}"):
-        n += 1
-    target = f"{rel}.stale-{n}"
-    storage.filesystem.move(storage.path(rel), storage.path(target))
-    logger.warning("Ray Train's checkpoint snapshot of run %s names checkpoint folders that are gone (%s); moved "
-                   "it to %s so the run can start; it resumes from the newest intact checkpoint on storage",
-                   run_id, ", ".join(missing), storage.uri(target))
-    return target
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from ray.train import UserCallback
 
 from pipelines.dataset.bad_input import BadInputError
-from pipelines.training.checkpointing import CheckpointDamagedError
+from pipelines.training.checkpoint_integrity import CheckpointDamagedError
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,8 @@ from pipelines.run_lock import StorageLock
 from pipelines.storage import Storage, join
 from pipelines.tracking.mlflow_run import require_mlflow
 from pipelines.tracking.training import start_tracking
-from pipelines.training.checkpointing import (
-    CHECKPOINTS_DIR,
-    checkpoint_at,
-    list_checkpoints,
-    set_aside_stale_ray_snapshot,
-)
+from pipelines.training.checkpoint_integrity import set_aside_stale_ray_snapshot
+from pipelines.training.checkpointing import CHECKPOINTS_DIR, checkpoint_at, list_checkpoints
 from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.fail_fast import StopOnDeterministicErrors
 from pipelines.training.job_config import TrainJobConfig

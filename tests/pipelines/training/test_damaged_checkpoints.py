@@ -13,18 +13,20 @@ import pytest
 
 from pipelines.dataset.bad_input import BadInputError
 from pipelines.storage import Storage, join
+from pipelines.training.checkpoint_integrity import (
+    RAY_SNAPSHOT_FILE,
+    CheckpointDamagedError,
+    set_aside_stale_ray_snapshot,
+)
 from pipelines.training.checkpointing import (
     COORDINATOR_FILE,
     MODEL_FILE,
-    RAY_SNAPSHOT_FILE,
-    CheckpointDamagedError,
     find_latest_checkpoint,
     list_checkpoints,
     load_coordinator_state,
     load_training_state,
     newest_intact_checkpoint,
     save_checkpoint,
-    set_aside_stale_ray_snapshot,
     verify_checkpoint,
 )
 from pipelines.training.fail_fast import StopOnDeterministicErrors, deterministic_error

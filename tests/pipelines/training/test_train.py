@@ -13,9 +13,9 @@ import torch
 
 from jobs.common import classify_error
 from pipelines.storage import Storage
+from pipelines.training.checkpoint_integrity import RAY_SNAPSHOT_FILE
 from pipelines.training.checkpointing import (
     MODEL_FILE,
-    RAY_SNAPSHOT_FILE,
     list_checkpoints,
     load_coordinator_state,
     load_training_state,
