@@ -63,7 +63,7 @@ FORMAT_VERSION = 1
 """Version of ``model.pt`` and of the metadata (bumped on incompatible changes; older ones keep being read)."""
 MODEL_FILE = "model.pt"
 COORDINATOR_FILE = "coordinator.pt"
-JOB_CONFIG_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe")
+JOB_CONFIG_KEYS = ("experiment", "compute", "dataset", "run_id", "recipe", "tracking")
 """The keys of ``TrainingState.job`` that are the job config (the others, e.g. ``history``, ride along)."""
 
 _MODEL_KEYS = ("network", "optimizer", "cluster_state", "epoch", "global_step", "job")
