@@ -20,6 +20,7 @@ import sys
 
 from jobs.common import job_parser, run_job, storage_from_args
 from jobs.options import TRAIN_HELP, build_train_job, collect, train_keys
+from pipelines.storage import Storage
 from pipelines.tracking.mlflow_run import require_mlflow
 from pipelines.training.job_config import TrainJobConfig
 from secu.recipes import RECIPE_NAMES
@@ -62,7 +63,7 @@ def train(args: argparse.Namespace) -> int:
     storage = storage_from_args(args)
     logger.info("resolved config:\n%s", json.dumps(job.to_dict(), indent=1))
     if args.print_config:
-        print(json.dumps(job.to_dict(), indent=1))
+        print(json.dumps(_as_it_would_train(job, storage).to_dict(), indent=1))
         return 0
     storage.check_reachable()
     from pipelines.training.trainer import run_training  # imports Ray; keep --help and config errors fast
@@ -74,6 +75,22 @@ def train(args: argparse.Namespace) -> int:
                 outcome.checkpoint_path,
                 f"; WARNING: {len(outcome.warnings)} head(s) collapsed, see above" if outcome.warnings else "")
     return 0
+
+
+def _as_it_would_train(job: TrainJobConfig, storage: Storage) -> TrainJobConfig:
+    """The config after the adaptation to the dataset's size (``secu.adapt``), which training applies once it
+    knows the collection; the config as given, with a warning, when the dataset cannot be read."""
+    from pipelines.dataset.info import load_dataset_info
+    from pipelines.training.trainer import adapt_job
+
+    try:
+        storage.check_reachable()
+        info = load_dataset_info(storage, job.dataset)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        logger.warning("printing the config before its adaptation to the collection (%s); training adapts the "
+                       "schedule to the dataset's size", " ".join(str(err).split()))
+        return job
+    return adapt_job(job, info.num_samples)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """The console script and the training job's config resolution (no Ray started)."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -69,3 +70,26 @@ def test_train_needs_a_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert "no dataset given" in caplog.text and "--dataset NAME" in caplog.text
     assert "Traceback" not in caplog.text
     assert not any(tmp_path.iterdir())
+
+
+def test_print_config_shows_the_config_adapted_to_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """``--print-config`` printed the recipe before its adaptation, not what training would run."""
+    from pipelines.storage import Storage
+    from secu.adapt import adapt_to_collection
+    from secu.recipes import recipe
+    from tests.pipelines.run_builders import make_dataset
+
+    make_dataset(Storage(str(tmp_path)), "small", 300, shard_size=150)
+    argv = ["--recipe", "fashion-mnist-cpu", "--storage", str(tmp_path), "--print-config"]
+    assert train_job.main([*argv, "--dataset", "small"]) == 0
+    printed = json.loads(capsys.readouterr().out)["experiment"]["optim"]
+    adapted = adapt_to_collection(recipe("fashion-mnist-cpu"), 300, 2).experiment.optim
+    assert (printed["batch_size"], printed["epochs"]) == (adapted.batch_size, adapted.epochs)
+    assert (adapted.batch_size, adapted.epochs) != (recipe("fashion-mnist-cpu").optim.batch_size,
+                                                    recipe("fashion-mnist-cpu").optim.epochs)
+    caplog.set_level(logging.WARNING)
+    assert train_job.main([*argv, "--dataset", "not-ingested"]) == 0  # still prints, and says so
+    unadapted = json.loads(capsys.readouterr().out)["experiment"]["optim"]
+    assert unadapted["epochs"] == recipe("fashion-mnist-cpu").optim.epochs
+    assert "before its adaptation to the collection" in caplog.text
