@@ -239,7 +239,8 @@ def _map_section(data: ReportData, m: MapData, out_dir: str) -> str:
     how = ("t-SNE keeps neighbourhoods: nearby points are similar images, but distances between islands and "
            "island sizes mean little" if m.layout == "t-SNE" else
            "PCA: the two directions of largest variance of the embeddings")
-    return (f"<p class=meta>{m.rows.size} images sampled by cluster (every cluster at least 5). Embeddings: "
+    return (f"<p class=meta>{m.rows.size} images sampled by cluster (in proportion to its size, but every cluster "
+            f"is on the map). Embeddings: "
             f"{escape(m.source)}; {how}. Each cluster's label sits at the median of its points: click it for the "
             f"cluster's page. Built in {m.seconds:.1f} s.</p>" + chart_html(chart, out_dir, "embedding-map"))
 

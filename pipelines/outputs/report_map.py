@@ -66,12 +66,14 @@ def no_map(note: str) -> MapData:
 def sample_rows(pred_N: np.ndarray, k: int, points: int, seed: int, floor: int = 5) -> np.ndarray:
     """``points`` row indices (a few more when small clusters need their floor): each cluster in proportion
     to its size (largest remainders round), but at least ``floor`` of it (all of a smaller cluster), so that
-    every non-empty cluster shows on the map; sorted."""
+    every non-empty cluster shows on the map; sorted. With many clusters the floor shrinks (to 1) so that
+    the floors take at most half of ``points``."""
     n = pred_N.size
     if n <= points:
         return np.arange(n)
     rng = np.random.default_rng(seed)
     sizes_K = np.bincount(pred_N, minlength=k)
+    floor = max(1, min(floor, points // max(2 * int(np.count_nonzero(sizes_K)), 1)))
     exact_K = points * sizes_K / n
     quota_K = np.floor(exact_K).astype(np.int64)
     quota_K[np.argsort(-(exact_K - quota_K), kind="stable")[:points - int(quota_K.sum())]] += 1

@@ -69,3 +69,16 @@ def test_cluster_map_marks_every_cluster(tmp_path: Path) -> None:
     assert len(chart.areas) == k and {a.shape for a in chart.areas} == {"circle"}
     x = np.asarray([a.coords[0] for a in chart.areas])
     assert x[9] > x[0] and np.all((x > 0) & (x < chart.width))  # column 9 of the grid lies right of column 0
+
+
+def test_map_sample_keeps_every_cluster_and_its_budget() -> None:
+    from pipelines.outputs.report_map import sample_rows
+
+    rng = np.random.default_rng(0)
+    pred = np.concatenate([np.zeros(9000, np.int64), rng.integers(1, 1000, 51000)])  # one huge, 999 small
+    rows = sample_rows(pred, 1000, 2000, seed=0)
+    assert np.unique(pred[rows]).size == np.unique(pred).size  # every non-empty cluster is on the map
+    assert 2000 <= rows.size <= 3000 and np.unique(rows).size == rows.size
+    assert 250 <= int((pred[rows] == 0).sum()) <= 320  # the huge cluster in proportion (15 % of 2000)
+    few = sample_rows(np.repeat(np.arange(3), [500, 490, 10]), 3, 100, seed=0)
+    assert np.bincount(np.repeat(np.arange(3), [500, 490, 10])[few]).tolist() == [50, 49, 5]
