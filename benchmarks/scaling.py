@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
@@ -138,24 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(note)
     write_result(args.out, result)
-    write_svg(args.out.with_suffix(".svg"), workers, scaling, n)
     from benchmarks.plot_png import scaling_png
 
     scaling_png(args.out.with_suffix(".png"), result)
     return 0
-
-
-def write_svg(path: Path, workers: list[int], scaling: dict[str, Any], images: int) -> None:
-    """Measured vs ideal throughput as a small SVG line chart (no plotting library needed)."""
-    from pipelines.outputs.svg_charts import line_chart
-
-    svg = line_chart(
-        {"measured (median)": [(float(w), scaling[f"W{w}"]["images_per_s"]["median"]) for w in workers],
-         "ideal linear": [(float(w), scaling[f"W{w}"]["ideal_images_per_s"]) for w in workers]},
-        title=f"training throughput, {images:,} Fashion-MNIST images", x_label="Ray Train workers",
-        y_label="images/s")
-    path.write_text(svg + "\n", encoding="utf-8")
-    print(f"written: {path}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """Render a static HTML report of a run's clusters: ``python -m jobs.report``.
 
-Writes <storage>/runs/<run-id>/report/index.html with one page per cluster (clusters/c0042.html),
-thumbnails read from the dataset's shards, a cluster-size chart, training curves and, with labels,
-a confusion heat map. Open index.html in a browser; no server is needed. Uploaded when the storage
-is s3://. With --mlflow-uri the report folder and the metrics JSON are also logged to the run's MLflow run.
+Writes <storage>/runs/<run-id>/report/index.html with a 2-D map of a sample of the embeddings
+(t-SNE or PCA, every cluster labelled and linked), a cluster-size chart, training curves, with labels
+a confusion heat map and each cluster's main class, and one page per cluster (clusters/c0042.html:
+its most confident, least confident and random members, 16 each, more on extra pages), thumbnails
+read from the dataset's shards; with drift.json (a reclustering tick) also drift.html, the largest
+flows between clusters since the previous tick. Charts are matplotlib PNGs. Open index.html in a
+browser; no server is needed. Uploaded when the storage is s3://. With --mlflow-uri the report folder
+and the metrics JSON are also logged to the run's MLflow run.
 
 Examples:
     python -m jobs.report --storage ./data --run-id fm
-    python -m jobs.report --storage ./data --run-id fm --head 1 --set top=12 --set random=8
+    python -m jobs.report --storage ./data --run-id fm --head 1 --set top=24 --set random=24
+    python -m jobs.report --storage ./data --run-id fm --set map_layout=pca --set map_points=5000
 
-Options (--config FILE holds them as key: value lines, --set KEY=VALUE sets one): head, top, random,
-page_size, thumb_px, seed, threads.
+Options (--config FILE holds them as key: value lines, --set KEY=VALUE sets one): head, top, borderline,
+random, more_pages, map_points, map_layout, page_size, thumb_px, seed, threads.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The report's thumbnails: images read from a dataset's shards by key, resized, written as PNG files.
 
 ``extract_all`` reads the shards that hold the wanted keys in parallel (each tar streamed once, reading
-stops when all of its keys were found) and writes ``<out_dir>/<thumb_name(key)>``. An image that cannot
-be decoded, or a missing or corrupt shard, is logged and left out: the report shows it as missing.
+stops when all of its keys were found) and writes ``<out_dir>/<thumb_name(key)>``. In the same pass it
+hands the encoded bytes of other keys to a ``collect`` callback (the embedding map's sample). An image
+that cannot be decoded, or a missing or corrupt shard, is logged and left out: the report shows it as
+missing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
@@ -52,12 +55,20 @@ def thumbnail(data: bytes, px: int) -> bytes:
         return buf.getvalue()
 
 
-def extract_thumbnails(storage: Storage, shard_rel: str, keys: set[str], out_dir: str, px: int) -> set[str]:
+Collect = Callable[[str, bytes], None]
+"""Receives (key, encoded image bytes) of a key asked for in ``extra``."""
+
+
+def extract_thumbnails(storage: Storage, shard_rel: str, keys: set[str], out_dir: str, px: int,
+                       extra: set[str] | None = None, collect: Collect | None = None) -> set[str]:
     """Write ``out_dir/<key>.png`` for the image members of ``keys`` in one shard; returns the keys found.
 
-    The tar is streamed once and reading stops when every key was found.
+    The bytes of the members of ``extra`` go to ``collect``. The tar is streamed once and reading stops
+    when every key was found.
     """
+    extra = extra if collect is not None and extra else set()
     found: set[str] = set()
+    collected: set[str] = set()
     with storage.filesystem.open_input_stream(storage.path(shard_rel)) as stream, \
             tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
@@ -65,42 +76,55 @@ def extract_thumbnails(storage: Storage, shard_rel: str, keys: set[str], out_dir
             if not member.isfile() or match is None:
                 continue
             key, ext = match.group(1), match.group(2).lower()
-            if key not in keys or key in found or ext not in _IMAGE_EXTS:
+            thumb, other = key in keys and key not in found, key in extra and key not in collected
+            if not (thumb or other) or ext not in _IMAGE_EXTS:
                 continue
             handle = tar.extractfile(member)
             if handle is None:
                 continue
+            data = handle.read()
+            if other:
+                assert collect is not None
+                collect(key, data)
+                collected.add(key)
+            if not thumb:
+                if found == keys and collected == extra:
+                    break
+                continue
             try:
-                png = thumbnail(handle.read(), px)
+                png = thumbnail(data, px)
             except (OSError, ValueError) as err:  # undecodable image: shown as missing on the page
                 logger.warning("cannot decode %s in %s: %s", member.name, shard_rel, err)
                 continue
             with open(os.path.join(out_dir, thumb_name(key)), "wb") as out:
                 out.write(png)
             found.add(key)
-            if found == keys:
+            if found == keys and collected == extra:
                 break
     return found
 
 
-def extract_all(storage: Storage, dataset: str, wanted: dict[str, set[str]], out_dir: str, px: int,
-                threads: int) -> set[str]:
-    """Thumbnails of ``wanted`` (shard name -> keys) of ``dataset``, ``threads`` shards at a time.
+def extract_all(storage: Storage, dataset: str, wanted: Mapping[str, set[str]], out_dir: str, px: int,
+                threads: int, extra: Mapping[str, set[str]] | None = None, collect: Collect | None = None) -> set[str]:
+    """Thumbnails of ``wanted`` (shard name -> keys) of ``dataset``, ``threads`` shards at a time; the bytes
+    of ``extra`` (shard name -> keys) go to ``collect`` (called from the reading threads).
 
     Returns the keys whose thumbnail was written; a shard that cannot be read loses only its own keys.
     """
     base = join(dataset_dir(dataset), "shards")
+    extra = extra or {}
 
-    def one(item: tuple[str, set[str]]) -> set[str]:
-        shard, keys = item
+    def one(shard: str) -> set[str]:
+        keys = set(wanted.get(shard, set()))
         try:
-            return extract_thumbnails(storage, join(base, shard), keys, out_dir, px)
+            return extract_thumbnails(storage, join(base, shard), keys, out_dir, px, set(extra.get(shard, set())),
+                                      collect)
         except (OSError, tarfile.TarError) as err:  # a missing/corrupt shard: its images show as missing
             logger.warning("cannot read thumbnails from shard %s: %s", storage.uri(base, shard), err)
             return set()
 
     found: set[str] = set()
     with ThreadPoolExecutor(threads) as pool:
-        for keys in pool.map(one, sorted(wanted.items())):
+        for keys in pool.map(one, sorted(set(wanted) | set(extra))):
             found |= keys
     return found

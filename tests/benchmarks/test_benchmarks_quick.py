@@ -139,12 +139,14 @@ def test_png_charts(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     epochs = [{"epoch": e, "clusters/h0/acc": 0.2 + 0.05 * e} for e in range(5)]
     (run / "train_history.json").write_text(json.dumps({"epochs": epochs}))
+    (tmp_path / "train_history_other.json").write_text(json.dumps({"epochs": epochs[:3]}))
     out = tmp_path / "acc.png"
-    assert main(["history", str(out), f"{run}=demo"]) == 0
+    assert main(["history", str(out), f"{run}=demo", f"{tmp_path / 'train_history_other.json'}=other"]) == 0
     with Image.open(out) as img:
         assert img.size == (800, 500)
-        # The series is drawn: some pixels carry the first series' colour.
-        assert (31, 119, 180) in {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+        # Both series are drawn: pixels in matplotlib's first two colours (tab:blue, tab:orange).
+        colors = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+        assert {(31, 119, 180), (255, 127, 14)} <= colors
     result = {"config": {"workers": [1, 2]},
               "scaling": {"W1": {"images_per_s": {"median": 100.0}, "ideal_images_per_s": 100.0},
                           "W2": {"images_per_s": {"median": 150.0}, "ideal_images_per_s": 200.0}}}

@@ -195,6 +195,8 @@ def test_cluster_ids_stay_stable_and_drift_is_reported(ticks: tuple[Storage, Pat
     assert first["previous_run_id"] is None and "first tick" in first["note"]
     index = Path(storage.path("runs/lake-t2/report/index.html")).read_text()
     assert "Drift since the previous reclustering tick" in index and "lake-t1" in index
+    moved = Path(storage.path("runs/lake-t2/report/drift.html")).read_text()  # who went where, from both outputs
+    assert "What moved from run lake-t1 to run lake-t2" in moved and "Flows unknown" not in moved
 
 
 def test_concurrent_tick_is_refused_by_the_lock(ticks: tuple[Storage, Path, list[str]],
