@@ -11,6 +11,11 @@ images; decoding with ``pipelines.dataset.decode.decode_image``):
 
 - ``ray_data``: ``build_train_dataset`` on a local Ray with W CPUs, one epoch through
   ``iter_torch_batches(batch_size)`` (what the training loop consumes; views reach this process);
+- ``ray_data_decode_only``: the same with ``views_on_device=True`` (``augment.views_on_device``): the stream
+  only reads and decodes to fixed-size canvases (``decoded_for_device``), which reach this process; the
+  views are then the training worker's work, measured separately as ``worker_views_cpu_ms_per_image``:
+  CPU time of ``BatchTwoViewAugment.views_of_canvas`` on 1 thread over the first two batches of the
+  stream, per image (on a GPU worker that work runs on the device instead);
 - ``wds_dataloader``: ``webdataset.WebDataset(shards)`` -> decode -> ``batched`` ->
   ``BatchTwoViewAugment`` -> ``torch.utils.data.DataLoader(num_workers=W, persistent_workers=True)``
   (views reach this process);
@@ -26,6 +31,8 @@ script; views of the ``imagenet1k`` recipe at 224 px).
 
     python -m benchmarks.data_pipeline                 # 20,000 PNGs + 1,600 JPEGs
     python -m benchmarks.data_pipeline --quick         # 256 PNGs + 16 JPEGs (smoke test)
+    python -m benchmarks.data_pipeline --kinds synthetic_jpeg --variants ray_data ray_data_decode_only \
+        --out docs/results/data_pipeline_views_on_device.json    # views on the device vs in the stream
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import functools
 import io
 import os
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -58,6 +66,7 @@ from benchmarks.common import (
     shard_paths,
     start_ray,
     start_result,
+    summarize,
     write_result,
     write_synthetic_jpegs,
 )
@@ -67,6 +76,7 @@ from secu.recipes import recipe
 
 NAME = "data_pipeline"
 BASELINE = "wds_dataloader"
+VARIANTS = ("ray_data", "ray_data_decode_only", "wds_dataloader", "pool_decode_augment", "pool_raw_pil")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,29 +202,63 @@ def epoch_pool(pool: ProcessPoolExecutor, fn: Any, paths: list[str], arg: Any) -
     return _figures(rows, sw.seconds)
 
 
+def worker_views_cost(ds: Any, cfg: AugmentConfig, batch_size: int, repeats: int) -> dict[str, float]:
+    """CPU ms per image of the training worker's views (``views_of_canvas``, 1 torch thread) over the first
+    two batches of the decode-only stream ``ds``, median and range over ``repeats`` rounds."""
+    batches = []
+    for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes=None, device="cpu"):
+        batches.append(batch)
+        if len(batches) == 2:
+            break
+    aug = BatchTwoViewAugment(cfg, batched=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_round = []
+        for rnd in range(repeats + 1):  # the first round warms up
+            t0, n = time.process_time(), 0
+            for i, b in enumerate(batches):
+                aug.views_of_canvas(b["canvas"], b["height"], b["width"], seed=100 * rnd + i)
+                n += int(b["sample_index"].shape[0])
+            if rnd:
+                per_round.append(1e3 * (time.process_time() - t0) / n)
+    finally:
+        torch.set_num_threads(threads)
+    return summarize(per_round) | {"images": float(n), "threads": 1.0}
+
+
 def measure_kind(kind: str, storage: Any, dataset: str, cfg: AugmentConfig, args: Any,
                  pool: ProcessPoolExecutor) -> tuple[Rounds, dict[str, Any]]:
-    """All variants on one image kind, alternating."""
+    """The chosen variants (``--variants``) on one image kind, alternating."""
     from pipelines.dataset.streams import build_train_dataset
 
     paths = shard_paths(storage, dataset)
     ds = build_train_dataset(storage, dataset, cfg, seed=0)
-    loader = build_wds_loader(paths, cfg, args.batch_size, args.workers)
+    decoded = build_train_dataset(storage, dataset, cfg, seed=0, views_on_device=True)
+    loader = build_wds_loader(paths, cfg, args.batch_size, args.workers) if "wds_dataloader" in args.variants \
+        else None
     variants = {
         "ray_data": lambda: epoch_ray_data(ds, args.batch_size),
+        "ray_data_decode_only": lambda: epoch_ray_data(decoded, args.batch_size),
         "wds_dataloader": lambda: epoch_loader(loader),
         "pool_decode_augment": lambda: epoch_pool(
             pool, functools.partial(decode_augment_shard, batch_size=args.batch_size), paths, cfg),
         "pool_raw_pil": lambda: epoch_pool(pool, raw_pil_shard, paths, cfg.channels),
     }
+    variants = {name: fn for name, fn in variants.items() if name in args.variants}
     print(f"\n{kind}: {len(paths)} shards, views {cfg.channels} x {cfg.image_size} x {cfg.image_size}")
     rounds = alternate(variants, args.repeats, args.warmup)
     for runs in rounds.raw.values():
         for r in runs:
             r["cpu_ms_per_image"] = 1e3 * r["tree_cpu_s"] / max(r["images"], 1.0)
+    extra: dict[str, Any] = {"shards": len(paths), "augment": asdict(cfg)}
+    if "ray_data_decode_only" in variants:
+        extra["worker_views_cpu_ms_per_image"] = worker_views_cost(decoded, cfg, args.batch_size, args.repeats)
     # Ray Data's own per-operator breakdown of the last epoch (wall and CPU time of read, decode +
     # augment, and the iterator's wait), kept to see where its time goes.
-    return rounds, {"shards": len(paths), "augment": asdict(cfg), "ray_data_stats_last_epoch": ds.stats()}
+    if "ray_data" in variants:
+        extra["ray_data_stats_last_epoch"] = ds.stats()
+    return rounds, extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--kinds", nargs="+", default=["fashion_mnist_png", "synthetic_jpeg"],
                         choices=["fashion_mnist_png", "synthetic_jpeg"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="the variants to run (default all)")
     args = parser.parse_args(argv)
     png_n = args.png_images or (256 if args.quick else 20_000)
     jpeg_n = args.jpeg_images or (16 if args.quick else 1600)
@@ -260,14 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = rounds.summary("images_per_s")
             kinds[kind] = info | extra | {"raw": rounds.raw, "order": rounds.order,
                                           "images_per_s": summary,
-                                          "cpu_ms_per_image": rounds.summary("cpu_ms_per_image"),
-                                          "ratio_to_wds_dataloader": ratios(summary, BASELINE),
-                                          "ratio_to_pool_decode_augment": ratios(summary, "pool_decode_augment"),
-                                          "ratio_to_pool_raw_pil": ratios(summary, "pool_raw_pil")}
+                                          "cpu_ms_per_image": rounds.summary("cpu_ms_per_image")}
+            for base in (BASELINE, "pool_decode_augment", "pool_raw_pil", "ray_data"):
+                if base in summary:  # the baselines that ran (--variants)
+                    kinds[kind][f"ratio_to_{base}"] = ratios(summary, base)
     import ray
 
     ray.shutdown()
     result["config"] = {"workers": args.workers, "batch_size": args.batch_size, "shards_per_kind": shards,
+                        "variants": list(args.variants),
                         "repeats": args.repeats, "warmup": args.warmup, "png_images": png_n, "jpeg_images": jpeg_n}
     result["figure"] = ("images/s over one epoch (median of the measured rounds); ratio = median / baseline median; "
                         "cpu_ms_per_image = CPU time of this process and all its descendants (Ray daemons and "
@@ -276,10 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     result["kinds"] = kinds
     result["load"] = load.finish()
     rows = []
+    nan = float("nan")
     for kind, data in kinds.items():
         for name, s in data["images_per_s"].items():
-            rows.append([kind, name, s["median"], s["min"], s["max"], data["ratio_to_wds_dataloader"][name],
-                         data["ratio_to_pool_decode_augment"][name], data["cpu_ms_per_image"][name]["median"]])
+            rows.append([kind, name, s["median"], s["min"], s["max"],
+                         data.get("ratio_to_wds_dataloader", {}).get(name, nan),
+                         data.get("ratio_to_pool_decode_augment", {}).get(name, nan),
+                         data["cpu_ms_per_image"][name]["median"]])
+        if "worker_views_cpu_ms_per_image" in data:
+            w = data["worker_views_cpu_ms_per_image"]
+            rows.append([kind, "worker views (views_of_canvas, 1 thread)", nan, nan, nan, nan, nan, w["median"]])
     load_note = f" (UNDER LOAD: loadavg {result['load']['loadavg_start']})" if result["load"]["under_load"] else ""
     print_table(["images", "variant", "images/s median", "min", "max", "x wds+DataLoader", "x plain pool",
                  "CPU ms/image"], rows,

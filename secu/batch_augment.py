@@ -23,8 +23,27 @@ applies each operation to the whole batch as a few tensor operations:
 
 Arithmetic stays in float32 from the crop to the end and is rounded to uint8 once before the
 solarize threshold; torchvision rounds (truncates) to uint8 after every operation, so pixel values may
-differ by a few levels. Every draw comes from one ``torch.Generator``: the same seed and images give
-the same views.
+differ by a few levels. Every draw comes from one ``torch.Generator`` on the CPU (parameters are moved
+to the images' device): the same seed and images give the same views, on any device.
+
+Views on the training device (``AugmentConfig.views_on_device``): the data stream only decodes, and
+:func:`to_canvas` makes every image a fixed-size uint8 C x R x R canvas (R = :func:`canvas_side`,
+about S * 8 / 7) so that batches stack; the worker calls :meth:`BatchTwoViewAugment.views_of_canvas`
+on the batch, on its device. Differences from the CPU path (``__call__`` on the decoded images):
+
+- Images no larger than R on both sides are kept as they are (top-left, edge-replicated into the
+  canvas, their height and width recorded); crop boxes are drawn on the image's own size, so the crop
+  distribution is unchanged. For same-size images no larger than S (CIFAR, STL-10, Fashion-MNIST) the
+  views equal the CPU path's for the same seed (up to float rounding). Images between S and R are
+  downscaled at most R / S = 8 / 7 by a bilinear sample without antialiasing (the CPU path
+  antialiases): a negligible softening.
+- Larger images (ImageNet JPEGs) are first resized so that the shorter side is R (antialiased) and
+  center-cropped to at most R x R. Their crops come only from that central square, at R px: a 4:3
+  image loses 1/8 of its long side at each end, its crop areas are fractions of the square (crops
+  cover sqrt(3/4) as much of the long side as on the CPU path, and about 0.92x as much of the short
+  side, where the CPU path's boxes are capped by the image), and small crops are upscaled from
+  as little as sqrt(min_crop) * R px (the CPU path crops the full-resolution image), so fine detail
+  is a little softer. Per-pixel statistics of the views (brightness, contrast) are the same.
 
 Legend: B = batch, C = channels, H, W = input size, S = output side, K = blur taps.
 """
@@ -42,7 +61,7 @@ from torchvision.transforms.v2 import functional as TF
 from secu.augment import TwoViewAugment, _blur_kernel, augment_batch, image_to_tensor
 from secu.config import AugmentConfig
 
-__all__ = ["BatchTwoViewAugment", "crop_boxes"]
+__all__ = ["BatchTwoViewAugment", "canvas_side", "crop_boxes", "to_canvas"]
 
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -141,15 +160,16 @@ def _jitter(gen: torch.Generator, x: torch.Tensor) -> torch.Tensor:
     """ColorJitter on every image of ``x`` (float B x C x S x S in [0, 255]): factors and order per image."""
     B, C = x.shape[0], x.shape[1]
     ops = 4 if C == 3 else 2
-    brightness = _uniform(gen, (B,), 1 - _BRIGHTNESS, 1 + _BRIGHTNESS).view(-1, 1, 1, 1)
-    contrast = _uniform(gen, (B,), 1 - _CONTRAST, 1 + _CONTRAST).view(-1, 1, 1, 1)
-    saturation = _uniform(gen, (B,), 1 - _SATURATION, 1 + _SATURATION).view(-1, 1, 1, 1)
-    hue = _uniform(gen, (B,), -_HUE, _HUE)
+    dev = x.device
+    brightness = _uniform(gen, (B,), 1 - _BRIGHTNESS, 1 + _BRIGHTNESS).view(-1, 1, 1, 1).to(dev)
+    contrast = _uniform(gen, (B,), 1 - _CONTRAST, 1 + _CONTRAST).view(-1, 1, 1, 1).to(dev)
+    saturation = _uniform(gen, (B,), 1 - _SATURATION, 1 + _SATURATION).view(-1, 1, 1, 1).to(dev)
+    hue = _uniform(gen, (B,), -_HUE, _HUE).to(dev)
     order_BO = torch.argsort(torch.rand(B, ops, generator=gen), dim=1)  # a random permutation per image
     x = x.clone()
     for slot in range(ops):
         for op in range(ops):
-            idx = (order_BO[:, slot] == op).nonzero().squeeze(1)
+            idx = (order_BO[:, slot] == op).nonzero().squeeze(1).to(dev)
             if idx.numel() == 0:
                 continue
             xs = x[idx]
@@ -173,7 +193,7 @@ def _blur(gen: torch.Generator, x: torch.Tensor, kernel: int) -> torch.Tensor:
     sigma_B1 = _uniform(gen, (B,), 0.1, 2.0).view(-1, 1)
     offsets_K = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
     w_BK = torch.exp(-0.5 * (offsets_K / sigma_B1) ** 2)
-    w_BK = w_BK / w_BK.sum(dim=1, keepdim=True)
+    w_BK = (w_BK / w_BK.sum(dim=1, keepdim=True)).to(x.device)
     half = kernel // 2
     out = x
     for dim, pad in ((-1, [half, half, 0, 0]), (-2, [0, 0, half, half])):
@@ -184,6 +204,41 @@ def _blur(gen: torch.Generator, x: torch.Tensor, kernel: int) -> torch.Tensor:
             acc.addcmul_(padded.narrow(dim, i, n), w_BK[:, i].view(-1, 1, 1, 1))
         out = acc
     return out
+
+
+def canvas_side(view_side: int) -> int:
+    """R, the side of the decoded images the device path receives: ceil(S * 8 / 7) (256 for 224 px views),
+    so that a crop is downscaled at most 8/7 by one bilinear sample."""
+    return math.ceil(view_side * 8 / 7)
+
+
+def to_canvas(image: np.ndarray, channels: int, side: int) -> tuple[np.ndarray, int, int]:
+    """One decoded image as a fixed-size canvas for ``views_of_canvas`` (see the module docstring).
+
+    An image no larger than ``side`` is kept as it is; a larger one is resized so that its shorter side
+    is ``side`` (antialiased) and center-cropped to at most ``side`` on each axis. The result sits at the
+    top left of the canvas; the rest repeats its last row and column (so a bilinear sample at its border
+    sees the image's own edge, as on the CPU path).
+
+    Args:
+        image: uint8 H x W or H x W x C (C in 1, 3, 4).
+        channels: Channels of the canvas (``secu.augment.image_to_tensor``'s channel policy).
+        side: R, the canvas side.
+
+    Returns:
+        ``(canvas, height, width)``: uint8 C x R x R and the size of the image inside it.
+
+    Raises:
+        ValueError: For a malformed image.
+    """
+    x_CHW = image_to_tensor(image, channels)
+    if min(x_CHW.shape[-2:]) > side:
+        x_CHW = TF.resize(x_CHW, [side], antialias=True)
+    H, W = x_CHW.shape[-2:]
+    h, w = min(H, side), min(W, side)
+    top, left = (H - h) // 2, (W - w) // 2
+    crop = x_CHW[:, top:top + h, left:left + w].numpy()
+    return np.pad(crop, ((0, 0), (0, side - h), (0, side - w)), mode="edge"), h, w
 
 
 BATCHED_MAX_SIDE = 64
@@ -251,23 +306,64 @@ class BatchTwoViewAugment:
                      for t, b in zip(tensors, box_B4.tolist(), strict=True)]
             x = torch.stack(crops).float()
             x = torch.where(flip_B.view(-1, 1, 1, 1), x.flip(-1), x)
+        return self._colour_blur_solarize(gen, x, which).numpy()
 
+    def views_of_canvas(self, canvas_BCRR: torch.Tensor, heights_B: torch.Tensor, widths_B: torch.Tensor,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of a batch of canvases (``to_canvas``), computed on the canvases' device.
+
+        Every crop is one bilinear ``grid_sample`` over the batch, the rest of the chain as in
+        ``__call__`` (the same draws in the same order: for same-size images no larger than S the views
+        equal ``__call__``'s for the same seed). The differences from the CPU path are in the module
+        docstring. Ignores ``batched`` (this path is always batched).
+
+        Args:
+            canvas_BCRR: uint8 B x C x R x R, on any device (C = ``cfg.channels``).
+            heights_B, widths_B: The size of every image inside its canvas (top left), <= R.
+            seed: Seeds every random draw of the batch (a CPU ``torch.Generator``).
+
+        Returns:
+            ``(views1, views2)``, uint8 B x C x S x S tensors on the canvases' device.
+
+        Raises:
+            ValueError: For an empty or malformed batch.
+        """
+        if canvas_BCRR.ndim != 4 or canvas_BCRR.dtype != torch.uint8 or canvas_BCRR.shape[1] != self.cfg.channels:
+            raise ValueError(f"views_of_canvas needs uint8 B x {self.cfg.channels} x R x R canvases "
+                             f"(secu.batch_augment.to_canvas), got {canvas_BCRR.dtype} {tuple(canvas_BCRR.shape)}")
+        if canvas_BCRR.shape[0] == 0:
+            raise ValueError("views_of_canvas got no images")
+        gen = torch.Generator().manual_seed(seed)
+        heights, widths = heights_B.cpu().long(), widths_B.cpu().long()
+        view1 = self._canvas_view(gen, canvas_BCRR, heights, widths, 0)
+        return view1, self._canvas_view(gen, canvas_BCRR, heights, widths, 1)
+
+    def _canvas_view(self, gen: torch.Generator, canvas_BCRR: torch.Tensor, heights: torch.Tensor,
+                     widths: torch.Tensor, which: int) -> torch.Tensor:
+        box_B4 = crop_boxes(gen, heights, widths, (self.cfg.min_crop, 1.0))
+        flip_B = _coins(gen, canvas_BCRR.shape[0], 0.5 if self.cfg.flip else 0.0)
+        x = self._crop_resize_flip_grid(canvas_BCRR, box_B4, flip_B, self.cfg.image_size)
+        return self._colour_blur_solarize(gen, x, which)
+
+    def _colour_blur_solarize(self, gen: torch.Generator, x: torch.Tensor, which: int) -> torch.Tensor:
+        """Jitter, grayscale, blur, rounding and solarize of float B x C x S x S crops: uint8, x's device."""
+        cfg, B, dev = self.cfg, x.shape[0], x.device
         jitter_B = _coins(gen, B, cfg.jitter_p)
         if jitter_B.any():
-            idx = jitter_B.nonzero().squeeze(1)
+            idx = jitter_B.nonzero().squeeze(1).to(dev)
             x[idx] = _jitter(gen, x[idx])
         if x.shape[1] == 3 and cfg.grayscale_p > 0:
-            gray_B = _coins(gen, B, cfg.grayscale_p)
+            gray_B = _coins(gen, B, cfg.grayscale_p).to(dev)
             x = torch.where(gray_B.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         blur_B = _coins(gen, B, cfg.blur_p[which])
         if blur_B.any():
-            idx = blur_B.nonzero().squeeze(1)
+            idx = blur_B.nonzero().squeeze(1).to(dev)
             x[idx] = _blur(gen, x[idx], self.kernel)
         x = x.round_().clamp_(0, 255)
-        solarize_B = _coins(gen, B, cfg.solarize_p[which])
+        solarize_B = _coins(gen, B, cfg.solarize_p[which]).to(dev)
         if solarize_B.any():
             x = torch.where(solarize_B.view(-1, 1, 1, 1) & (x >= 128), 255 - x, x)
-        return x.to(torch.uint8).numpy()
+        return x.to(torch.uint8)
 
     @staticmethod
     def _crop_resize_flip_grid(x_BCHW: torch.Tensor, box_B4: torch.Tensor, flip_B: torch.Tensor,
@@ -281,5 +377,5 @@ class BatchTwoViewAugment:
         theta[:, 0, 2] = (2 * left + w) / W - 1
         theta[:, 1, 1] = h / H
         theta[:, 1, 2] = (2 * top + h) / H - 1
-        grid = F.affine_grid(theta, [B, C, side, side], align_corners=False)
+        grid = F.affine_grid(theta.to(x_BCHW.device), [B, C, side, side], align_corners=False)
         return F.grid_sample(x_BCHW.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -24,6 +24,7 @@ CONSTRAINTS = ("size", "entropy")
 OPTIMIZERS = ("sgd", "lars")
 CENTER_LR_SCHEDULES = ("constant", "cosine_rise")
 MLP_KINDS = ("cifar", "imagenet")
+VIEWS_ON_DEVICE = ("auto", "true", "false")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -176,6 +177,12 @@ class AugmentConfig:
     """Random horizontal flip."""
     eval_resize: int = 0
     """Evaluation transform: resize the short side to this (0 = image_size), then center crop."""
+    views_on_device: str = "auto"
+    """Where training computes the two views: 'false' in the Ray Data stream on CPUs (decode + both views);
+    'true' on every training worker's device, from a batch of decoded fixed-size images (Ray Data only
+    reads and decodes: ``secu.batch_augment.to_canvas``, ``BatchTwoViewAugment.views_of_canvas``); 'auto'
+    = 'true' when the training workers have GPUs (``compute.use_gpu``), else 'false'. Methods without
+    views (PFCA) and self-labeling always use the stream as before."""
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
@@ -196,6 +203,15 @@ class AugmentConfig:
         for p in (*self.blur_p, *self.solarize_p):
             _require(0 <= p <= 1, f"augment blur_p/solarize_p={p} must lie in [0, 1]")
         _require(self.eval_resize >= 0, f"augment.eval_resize={self.eval_resize} must be >= 0")
+        if isinstance(self.views_on_device, bool):  # a YAML true/false
+            self.views_on_device = "true" if self.views_on_device else "false"
+        self.views_on_device = str(self.views_on_device).strip().lower()
+        _require(self.views_on_device in VIEWS_ON_DEVICE,
+                 f"augment.views_on_device={self.views_on_device!r}: choose one of {VIEWS_ON_DEVICE}")
+
+    def views_on_device_for(self, use_gpu: bool) -> bool:
+        """Whether the training workers compute the views (``views_on_device``, 'auto' resolved by ``use_gpu``)."""
+        return self.views_on_device == "true" or (self.views_on_device == "auto" and use_gpu)
 
 
 @dataclass

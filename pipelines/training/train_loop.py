@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipelines.dataset.bad_input import verify_epoch
+from pipelines.dataset.streams import device_views
 from pipelines.storage import Storage
 from pipelines.tracking.training import TrackingHandle, TrainingTracker
 from pipelines.training.checkpointing import (
@@ -240,6 +241,12 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def views_on_device(job: TrainJobConfig, batch_inputs: tuple[str, ...]) -> bool:
+    """Whether the workers compute the views from a decode-only stream (``augment.views_on_device``, 'auto'
+    = on with GPUs); never for a method without views. The trainer builds the stream by the same answer."""
+    return "view1" in batch_inputs and job.experiment.augment.views_on_device_for(job.compute.use_gpu)
+
+
 def _epoch_context(method: ClusteringMethod, job: TrainJobConfig) -> EpochContext:
     """The feature pass over this worker's part of the ``features`` dataset, for a method that needs one."""
     if not method.needs_feature_pass:
@@ -271,6 +278,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     distributed.barrier()
     shard = ray.train.get_dataset_shard("train")
     context = _epoch_context(method, job)
+    on_device = views_on_device(job, method.batch_inputs)
+    log.info("training views computed %s", f"on the workers' devices ({device})" if on_device
+             else "in the Ray Data stream")
 
     for epoch in range(start_epoch, exp.optim.epochs):
         t_epoch = time.perf_counter()
@@ -292,6 +302,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         batches = shard.iter_torch_batches(batch_size=job.local_batch_size, drop_last=False, dtypes=None,
                                            device="cpu")
+        if on_device:
+            batches = device_views(batches, exp.augment, seed=exp.seed, rank=rank, epoch=epoch, device=device)
         result = run_epoch(method, batches, coordinator, epoch, batch_size=job.local_batch_size, context=context,
                            on_step=on_step)
         distributed.barrier()  # every rank has flushed its labels before rank 0 closes the epoch

@@ -31,7 +31,7 @@ from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.fail_fast import StopOnDeterministicErrors
 from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.memory import shard_ranges
-from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker
+from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker, views_on_device
 from pipelines.training.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection
 from secu.diagnose import collapsed_heads
@@ -85,13 +85,15 @@ def run_training(job: TrainJobConfig, storage: Storage, *, init_from: str | None
 
 
 def _datasets(job: TrainJobConfig, storage: Storage, policy: BadInputPolicy, counter: Any) -> dict[str, Any]:
-    """``train``: the method's training inputs (two views, or the evaluation image for a method without views);
+    """``train``: the method's training inputs (two views, or with ``augment.views_on_device`` the decoded images
+    the workers make them from, or the evaluation image for a method without views);
     ``features``, for a method with a feature pass (ProPos' k-means): every image through the evaluation
     transform, split across the workers like ``train``, its bad input counted by a counter of its own."""
     method = method_class(job.experiment.method)
     augment = job.experiment.augment
     datasets = {"train": build_train_dataset(storage, job.dataset, augment, seed=job.experiment.seed, policy=policy,
-                                             counter=counter, views="view1" in method.batch_inputs)}
+                                             counter=counter, views="view1" in method.batch_inputs,
+                                             views_on_device=views_on_device(job, method.batch_inputs))}
     if method.needs_feature_pass:
         datasets["features"] = build_eval_dataset(storage, job.dataset, augment, policy=policy).select_columns(
             ["sample_index", "image"])

@@ -101,8 +101,10 @@ def test_data_pipeline_quick(tmp_path: Path) -> None:
     data = run_quick("data_pipeline", tmp_path)
     assert set(data["kinds"]) == {"fashion_mnist_png", "synthetic_jpeg"}
     for kind in data["kinds"].values():
-        assert set(kind["images_per_s"]) == {"ray_data", "wds_dataloader", "pool_decode_augment", "pool_raw_pil"}
+        assert set(kind["images_per_s"]) == {"ray_data", "ray_data_decode_only", "wds_dataloader",
+                                             "pool_decode_augment", "pool_raw_pil"}
         assert kind["ratio_to_wds_dataloader"]["wds_dataloader"] == pytest.approx(1.0)
+        assert kind["worker_views_cpu_ms_per_image"]["median"] > 0
         # every variant saw every image in every round
         assert all(r["images"] == kind["images"] for runs in kind["raw"].values() for r in runs)
 

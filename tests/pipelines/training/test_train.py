@@ -161,3 +161,21 @@ def test_missing_dataset_fails_before_training(storage: Storage, tmp_path: Path)
     job = apply_job_overrides(make_job("nodata"), ["dataset=not-ingested"])
     with pytest.raises(FileNotFoundError, match="no dataset 'not-ingested'"):
         run_training(job, storage)
+
+
+def test_views_on_the_workers_label_every_image(storage: Storage) -> None:
+    """``augment.views_on_device=true`` on CPU workers: Ray Data only reads and decodes, each worker makes both
+    views from its batches (``pipelines.dataset.streams.device_views``), and every image is labelled."""
+    job = make_job("device-views", "optim.epochs=2", "augment.views_on_device=true")
+    assert job.experiment.augment.views_on_device_for(job.compute.use_gpu)
+    outcome = run_training(job, storage)
+    assert outcome.epochs_run == 2
+    rows = history(storage, "device-views")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert row["data/images"] == N  # both ranks trained on every one of their full batches
+        for h in range(2):
+            assert row[f"clusters/h{h}/labelled_frac"] == 1.0, row
+    assert outcome.checkpoint_path is not None
+    memory = load_coordinator_state(outcome.checkpoint_path).labels()
+    assert memory.shape == (2, N) and (memory >= 0).all()
