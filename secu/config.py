@@ -177,12 +177,14 @@ class AugmentConfig:
     """Random horizontal flip."""
     eval_resize: int = 0
     """Evaluation transform: resize the short side to this (0 = image_size), then center crop."""
-    views_on_device: str = "auto"
-    """Where training computes the two views: 'false' in the Ray Data stream on CPUs (decode + both views);
+    views_on_device: str = "false"
+    """Where training computes the two views: 'false' (default) in the Ray Data stream on CPUs (decode + both
+    views);
     'true' on every training worker's device, from a batch of decoded fixed-size images (Ray Data only
     reads and decodes: ``secu.batch_augment.to_canvas``, ``BatchTwoViewAugment.views_of_canvas``); 'auto'
-    = 'true' when the training workers have GPUs (``compute.use_gpu``), else 'false'. Methods without
-    views (PFCA) and self-labeling always use the stream as before."""
+    = 'true' when the training workers have GPUs (``compute.use_gpu``), else 'false'. 'auto' is meant to
+    become the default once the device path has run on a GPU (so far it has run on CPU tensors only).
+    Methods without views (PFCA) and self-labeling always use the stream as before."""
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
