@@ -100,6 +100,37 @@ def summarize_history(storage: Storage, run_id: str) -> dict[str, Any] | None:
     return {"num_epochs": len(epochs), "last": epochs[-1], "best": best}
 
 
+def skipped_images(marker: dict[str, Any], info: DatasetInfo | None, history: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """Images left out as bad input at each stage: ingest (files skipped, from ``dataset.json``), training (the
+    last epoch's ``data/bad_inputs``) and inference (from ``_SUCCESS``), with counts per reason."""
+    ingest: dict[str, int] = {}
+    for entry in info.ingests if info else []:
+        for reason, count in (entry.get("skipped") or {}).items():
+            ingest[str(reason)] = ingest.get(str(reason), 0) + int(count)
+    inference = marker.get("skipped") or {}
+    last = (history or {}).get("last") or {}
+    training = last.get("data/bad_inputs")
+    return {
+        "ingest": {"count": sum(ingest.values()), "by_reason": ingest},
+        "training": None if training is None else {"count": int(training)},
+        "inference": {"count": int(inference.get("count", 0)), "by_reason": dict(inference.get("by_reason") or {}),
+                      "examples": list(inference.get("examples") or [])},
+    }
+
+
+def describe_skipped(skipped: dict[str, Any]) -> str:
+    """One line: how many images each stage left out as bad input, with the reasons."""
+    def part(stage: str) -> str | None:
+        entry = skipped.get(stage)
+        if entry is None:
+            return None
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((entry.get("by_reason") or {}).items()))
+        return f"{entry['count']} at {stage}" + (f" ({reasons})" if reasons else "")
+    parts = [p for p in (part("ingest"), part("training"), part("inference")) if p]
+    return "skipped as bad input: " + "; ".join(parts)
+
+
 def evaluate_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME) -> dict[str, Any]:
     """Evaluate the published output ``name`` of ``run_id``; returns the content of the metrics file."""
     marker = read_marker(storage, run_id, name)
@@ -150,6 +181,7 @@ def evaluate_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME
         for key, value in row.items():
             if key != "head":
                 flat[f"eval/h{row['head']}/{key}"] = value
+    history = summarize_history(storage, run_id)
     return {
         "run_id": run_id,
         "output": name,
@@ -157,8 +189,9 @@ def evaluate_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME
         "protocol": protocol,
         "heads": results,
         "metrics": flat,
+        "skipped": skipped_images(marker, labels.info, history),
         "warnings": warnings,
-        "train_history": summarize_history(storage, run_id),
+        "train_history": history,
     }
 
 
@@ -189,5 +222,7 @@ def format_table(result: dict[str, Any]) -> str:
                     f"{','.join(p['splits']) or '?'}), {p['rows']} images, {p['labelled_rows']} labelled, "
                     f"checkpoint epoch {p['checkpoint_epoch']}")
     lines.insert(1, "-" * len(lines[1]))
+    if "skipped" in result:  # metrics files written before the count existed have none
+        lines.append(describe_skipped(result["skipped"]))
     lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.outputs.charts import Chart, bar_chart, cluster_map, heatmap, line_chart
+from pipelines.outputs.evaluation import describe_skipped
 from pipelines.outputs.report_data import ClusterView, ReportData
 from pipelines.outputs.report_map import MapData
 from pipelines.outputs.thumbnails import thumb_name
@@ -160,6 +161,16 @@ def _drift_section(drift: dict[str, Any]) -> str:
             "flows of images from one cluster to another, the clusters that appeared and vanished.</p>")
 
 
+def _skipped_line(evaluation: dict[str, Any]) -> str:
+    """The images each stage left out as bad input (metrics files from before the count have none)."""
+    skipped = evaluation.get("skipped")
+    if not skipped:
+        return ""
+    total = sum(int((skipped.get(stage) or {}).get("count", 0)) for stage in ("ingest", "training", "inference"))
+    style = " style='color:#b00'" if total else ""
+    return f"<p class=meta{style}>{escape(describe_skipped(skipped))}.</p>"
+
+
 def _metrics_table(evaluation: dict[str, Any]) -> str:
     labelled = bool(evaluation["protocol"]["labelled_rows"])
     cols = [("k", "K", "{:.0f}")] + ([("acc", "ACC", "{:.4f}"), ("nmi", "NMI", "{:.4f}"), ("ari", "ARI", "{:.4f}")]
@@ -262,6 +273,7 @@ def render_index(data: ReportData, page_size: int, out_dir: str, embedding_map: 
              *[f"<p class=warn><b>Warning:</b> {escape(w)}</p>" for w in data.evaluation.get("warnings", [])],
              "<h2>Metrics per head</h2>", _metrics_table(data.evaluation),
              f"<p class=meta>{escape(p['metrics'])}; {p['labelled_rows']} labelled images.</p>",
+             _skipped_line(data.evaluation),
              f"<h2>Map of the embeddings (head {data.head})</h2>", _map_section(data, embedding_map, out_dir),
              f"<h2>Cluster sizes (head {data.head}, K = {data.k})</h2>", _size_bars(data, out_dir),
              "<h2>Training</h2>", _curves(data.history, data.head, out_dir)]

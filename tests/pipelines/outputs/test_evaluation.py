@@ -129,3 +129,29 @@ def test_published_files_are_plain_parquet(tmp_path: Path) -> None:
     assert sorted(table["sample_index"].to_pylist()) == list(range(6))
     listed = published_files(storage, "r")
     assert listed == [str(tmp_path / "runs" / "r" / "assignments" / f) for f in files[1:]]
+
+
+def test_images_skipped_as_bad_input_are_counted_per_stage(tmp_path: Path) -> None:
+    """Issue 17: images skipped at ingest, in training and at inference appear in metrics.json and the table."""
+    from pipelines.outputs.evaluation import describe_skipped, skipped_images
+
+    storage = Storage(str(tmp_path))
+    make_dataset(storage, "tiny", 12, shard_size=6)
+    keys, shards, labels = _ids(storage, "tiny")
+    publish_assignments(storage, "r", "tiny", list(range(12)), keys, shards, [labels], ks=[3])
+    log = MetricsLog()
+    log.append({"epoch": 0, "train/loss": 1.0, "data/bad_inputs": 2})
+    log.write(storage, "r")
+    result = evaluate_assignments(storage, "r")
+    assert result["skipped"] == {"ingest": {"count": 0, "by_reason": {}}, "training": {"count": 2},
+                                 "inference": {"count": 0, "by_reason": {}, "examples": []}}
+    assert "skipped as bad input: 0 at ingest; 2 at training; 0 at inference" in format_table(result)
+
+    info = load_dataset_info(storage, "tiny")
+    info.ingests[0]["skipped"] = {"truncated": 1, "not_an_image": 2}
+    marker = {"skipped": {"count": 3, "by_reason": {"undecodable": 3}, "examples": ["s/k1: undecodable"]}}
+    counts = skipped_images(marker, info, None)
+    assert counts["ingest"] == {"count": 3, "by_reason": {"truncated": 1, "not_an_image": 2}}
+    assert counts["training"] is None and counts["inference"]["count"] == 3
+    assert describe_skipped(counts) == ("skipped as bad input: 3 at ingest (not_an_image 2, truncated 1); "
+                                        "3 at inference (undecodable 3)")

@@ -147,6 +147,8 @@ def test_report_pages_link_to_existing_files(labelled_run: tuple[Storage, np.nda
     assert "Confusion" in index and "stripes-h" in index
     # The main class of each cluster, by name.
     assert "<td class=l><b>stripes-v (" in index
+    # What each stage left out as bad input (none here), in words (issue 17).
+    assert "skipped as bad input: 0 at ingest; 0 at inference." in index
     # Cluster 0's page: its most confident members first, in order, then its least confident, least first.
     members = np.flatnonzero(pred0 == 0)
     by_conf = members[np.argsort(-conf0[members])]
