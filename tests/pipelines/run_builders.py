@@ -16,10 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.dataset.info import find_dataset_info
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArrayPart, ArraySource
 from pipelines.dataset.synthetic import pattern_images
-from pipelines.outputs.assignments import new_attempt, output_dir, publish, staging_dir
+from pipelines.outputs.assignments import output_dir
+from pipelines.outputs.image_sources import load_source_lookup
+from pipelines.outputs.publish import new_attempt, publish, staging_dir
 from pipelines.outputs.schema import (
     SCHEMA_VERSION,
     assignment_schema,
@@ -102,11 +105,15 @@ def publish_assignments(storage: Storage, run_id: str, dataset: str, sample_inde
                         keys: Sequence[str], shards: Sequence[str], clusters: Sequence[Any],
                         ks: Sequence[int], confidence: Sequence[Any] | None = None,
                         name: str = "assignments", files: int = 2) -> None:
-    """Publish hand-made assignments (``clusters[h][i]``) through the real staging + publish protocol."""
+    """Publish hand-made assignments (``clusters[h][i]``) through the real staging + publish protocol; the
+    ``source`` column comes from the dataset's manifest (``hand-made:<key>`` when there is no such dataset)."""
     n, heads = len(sample_index), len(ks)
     rng = np.random.default_rng(1)
-    cols: dict[str, pa.Array] = {"sample_index": pa.array(np.asarray(sample_index, dtype=np.int64)),
-                                 "key": pa.array(list(keys), pa.string()), "shard": pa.array(list(shards), pa.string())}
+    ids = np.asarray(sample_index, dtype=np.int64)
+    sources = (load_source_lookup(storage, dataset).take(ids) if find_dataset_info(storage, dataset) is not None
+               else pa.array([f"hand-made:{k}" for k in keys], pa.string()))
+    cols: dict[str, pa.Array] = {"sample_index": pa.array(ids), "key": pa.array(list(keys), pa.string()),
+                                 "shard": pa.array(list(shards), pa.string()), "source": sources}
     for h in range(heads):
         conf = np.asarray(confidence[h] if confidence is not None else rng.uniform(0.2, 1.0, n), dtype=np.float32)
         cols[cluster_column(h)] = pa.array(np.asarray(clusters[h], dtype=np.int32))

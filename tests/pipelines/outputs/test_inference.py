@@ -1,7 +1,9 @@
-"""Batch inference to Parquet: schema, completeness, idempotent re-runs, kills, S3 (one local Ray cluster)."""
+"""Batch inference to Parquet: schema, sources, completeness, idempotent re-runs, kills, locks, bad input, S3
+(one local Ray cluster for the module)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -18,16 +20,18 @@ import pytest
 import torch
 
 from pipelines.dataset.info import load_dataset_info, read_manifest
-from pipelines.outputs.assignments import TEST_PAUSE_ENV, read_assignments, read_marker
+from pipelines.outputs.assignments import read_assignments, read_marker
 from pipelines.outputs.evaluation import evaluate_assignments
 from pipelines.outputs.inference import InferenceOptions, InferenceResult, run_inference
+from pipelines.outputs.publish import TEST_PAUSE_ENV, lock_path
 from pipelines.outputs.schema import assignment_schema
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import checkpoint_at, find_latest_checkpoint, load_checkpoint
 from secu.augment import EvalTransform, normalize
 from tests.pipelines.run_builders import add_checkpoint, make_dataset
 
-RUN = "r"
+RUN = "fm1"
+"""The run id of the README's examples, whose queries a test runs as written."""
 N = 120
 REPO = Path(__file__).resolve().parents[3]
 
@@ -97,6 +101,7 @@ def test_inference_writes_the_declared_schema_and_every_image_once(
     manifest = read_manifest(storage, load_dataset_info(storage, "tiny")).to_pandas().set_index("sample_index")
     frame = frame.set_index("sample_index").sort_index()
     assert (frame["key"] == manifest["key"]).all() and (frame["shard"] == manifest["shard"]).all()
+    assert (frame["source"] == manifest["source"]).all() and frame["source"].str.startswith("synthetic:").all()
     assert (frame["checkpoint_epoch"] == 3).all() and (frame["run_id"] == RUN).all()
     for h, k in enumerate((10, 20, 30)):
         assert frame[f"cluster_h{h}"].between(0, k - 1).all()
@@ -180,24 +185,40 @@ def _kill_at_pause(proc: subprocess.Popen[str], stage: str, timeout: float = 150
     assert proc.returncode == -signal.SIGKILL
 
 
+def _staging_and_versions(storage: Storage) -> tuple[list[str], list[str]]:
+    def names(rel: str) -> list[str]:
+        path = Path(storage.path(rel))
+        return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+    return names(f"runs/{RUN}/_staging/assignments"), names(f"runs/{RUN}/_versions/assignments")
+
+
 @pytest.mark.ray
 def test_inference_killed_while_publishing_is_completed_by_a_rerun(
-        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+        published: InferenceResult, lake: tuple[Storage, np.ndarray], caplog: pytest.LogCaptureFixture) -> None:
     storage, _ = lake
     before = read_assignments(storage, RUN, columns=["sample_index", "cluster_h0", "cluster_h2"])
+    version = read_marker(storage, RUN)["version"]
     out = Path(storage.path("runs", RUN, "assignments"))
 
-    # Killed in the middle of publishing: nothing reads as published, nothing half-valid is served.
-    _kill_at_pause(_start_job(storage, ray_cluster_address(), "unpublished"), "unpublished")
-    with pytest.raises(FileNotFoundError, match="_SUCCESS is missing"):
-        read_assignments(storage, RUN)
+    # Killed with the new version folder complete, just before the switch: the old version stays published
+    # and whole for every reader, and the dead job's lock stays behind.
+    _kill_at_pause(_start_job(storage, ray_cluster_address(), "versioned"), "versioned")
+    assert read_marker(storage, RUN)["version"] == version
+    assert read_assignments(storage, RUN).num_rows == N and pd.read_parquet(out)["sample_index"].is_unique
+    assert len(pd.read_parquet(out)) == N and len(_staging_and_versions(storage)[1]) >= 2
+    assert storage.exists(lock_path(f"runs/{RUN}/assignments"))
 
-    result = run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
+    with caplog.at_level(logging.WARNING, logger="pipelines.run_lock"):
+        result = run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
+    assert "its holder's process is gone" in caplog.text and "taking it over" in caplog.text
     after = read_assignments(storage, RUN).sort_by("sample_index")
     assert result.rows == N and after.num_rows == N
     assert after["sample_index"].to_pylist() == list(range(N))
     assert after.select(before.column_names).equals(before.sort_by("sample_index"))
-    assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+    staging, versions = _staging_and_versions(storage)
+    assert staging == [] and versions == sorted([version, result.marker["version"]])  # new and replaced
+    assert not storage.exists(lock_path(f"runs/{RUN}/assignments"))
 
 
 @pytest.mark.ray
@@ -207,22 +228,21 @@ def test_inference_killed_after_staging_leaves_the_previous_output_published(
     storage, _ = lake
     run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
     before = read_assignments(storage, RUN)
-    out = Path(storage.path("runs", RUN, "assignments"))
 
     _kill_at_pause(_start_job(storage, ray_cluster_address(), "staged"), "staged")
 
     assert read_assignments(storage, RUN).equals(before)
-    assert [p.name for p in out.iterdir() if p.name.startswith("_staging-")]
+    assert _staging_and_versions(storage)[0]
     run_inference(storage, RUN, options=InferenceOptions(batch_size=60))
     assert read_assignments(storage, RUN).num_rows == N
-    assert not [p for p in out.iterdir() if p.name.startswith("_staging-")]
+    assert _staging_and_versions(storage)[0] == []
 
 
 def test_read_assignments_refuses_unpublished_output(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path))
-    part = tmp_path / "runs" / "r" / "assignments" / "part-00000.parquet"
+    part = tmp_path / "runs" / "r" / "_staging" / "assignments" / "20260101T000000-0a1b2c3d" / "x_0.parquet"
     part.parent.mkdir(parents=True)
-    pq.write_table(assignment_schema(1).empty_table(), part)
+    pq.write_table(assignment_schema(1).empty_table(), part)  # a killed attempt: staged, never published
     with pytest.raises(FileNotFoundError, match="in progress or interrupted"):
         read_assignments(storage, "r")
     with pytest.raises(FileNotFoundError, match="absent"):
@@ -250,22 +270,25 @@ def test_infer_evaluate_report_jobs_on_s3(s3_root: Storage, capsys: pytest.Captu
     marker = read_marker(storage, RUN)
     assert marker["rows"] == 60 and marker["checkpoint"] == storage.uri(rel)
     assert marker["checkpoint_epoch"] == 4
-    names = [e.path for e in storage.list("runs/r/assignments")]
-    assert "_SUCCESS" in names and not [n for n in names if "_staging-" in n]
-    part = next(n for n in names if n.startswith("part-"))
-    with storage.filesystem.open_input_file(storage.path("runs/r/assignments", part)) as handle:
+    # On S3 the published prefix holds only the marker; the files are in the version folder it names.
+    assert [e.path for e in storage.list(f"runs/{RUN}/assignments", recursive=True)] == ["_SUCCESS"]
+    assert storage.list(f"runs/{RUN}/_staging", recursive=True) == []
+    listed = [e.path for e in storage.list(marker["location"])]
+    assert listed == sorted(["_SUCCESS", *(f["path"] for f in marker["files"])])
+    part = marker["files"][0]["path"]
+    with storage.filesystem.open_input_file(storage.path(marker["location"], part)) as handle:
         assert pq.read_schema(handle).remove_metadata().equals(assignment_schema(3))
     assert sorted(read_assignments(storage, RUN)["sample_index"].to_pylist()) == list(range(60))
 
     assert evaluate.main(common) == 0
     assert "ACC" in capsys.readouterr().out
     metrics = evaluate_assignments(storage, RUN)
-    assert metrics["protocol"]["labelled_rows"] == 60 and storage.exists("runs/r/metrics.json")
+    assert metrics["protocol"]["labelled_rows"] == 60 and storage.exists(f"runs/{RUN}/metrics.json")
 
     assert report.main([*common, "--set", "top=2", "--set", "random=1"]) == 0
-    assert capsys.readouterr().out.strip() == storage.uri("runs/r/report/index.html")
-    uploaded = {e.path for e in storage.list("runs/r/report", recursive=True)}
+    assert capsys.readouterr().out.strip() == storage.uri(f"runs/{RUN}/report/index.html")
+    uploaded = {e.path for e in storage.list(f"runs/{RUN}/report", recursive=True)}
     assert {"index.html", "clusters/c0000.html", "clusters/c0009.html"} <= uploaded
-    index = storage.read_bytes("runs/r/report/index.html").decode()
+    index = storage.read_bytes(f"runs/{RUN}/report/index.html").decode()
     thumbs = set(re.findall(r'src="(thumbs/[^"]+)"', index))
     assert thumbs and thumbs <= uploaded  # every image the index shows was uploaded
