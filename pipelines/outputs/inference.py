@@ -23,6 +23,7 @@ it again (it starts over in a fresh staging folder).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -337,7 +338,13 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     """``run_inference`` after the checks, holding the output's lock: stage, verify, publish."""
     import ray
 
-    from pipelines.dataset.bad_input import BadInputPolicy, BadInputReport, new_bad_input_counter, verify_epoch
+    from pipelines.dataset.bad_input import (
+        BadInputError,
+        BadInputPolicy,
+        BadInputReport,
+        new_bad_input_counter,
+        verify_epoch,
+    )
     from pipelines.dataset.streams import build_eval_dataset
 
     exp, train_dataset, dataset = loaded.job.experiment, loaded.job.dataset, info.name
@@ -355,6 +362,8 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     start = time.monotonic()
     policy = BadInputPolicy(max_bad_fraction=options.max_bad_fraction)
     counter = new_bad_input_counter(expected, policy)
+    failure: BadInputError | None = None
+    ds: Any = None
     try:
         ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards)
         _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, ray.put(sources))
@@ -363,13 +372,19 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
         # budget this raises BadInputError and nothing is published.
         bad = verify_epoch(counter, rows)
-    except Exception as err:
+    except Exception:
         # Over the budget the decode stage raises inside a Ray task (or verify_epoch here): one message naming
         # the images, the count and the setting, instead of the task's traceback.
         report = cast(BadInputReport, ray.get(counter.report.remote()))
-        if report.over_limit:
-            raise too_much_bad_input(report, sources, info, run_id, options.max_bad_fraction) from err
-        raise
+        if not report.over_limit:
+            raise
+        failure = too_much_bad_input(report, sources, info, run_id, options.max_bad_fraction)
+    if failure is not None:
+        # Ray Data keeps a failed execution's actors in a reference cycle (with the task's traceback): collect
+        # it now, so that they give their CPUs back to a driver that goes on (a reclustering tick, a notebook).
+        ds = None
+        gc.collect()
+        raise failure
     if bad.bad:
         logger.warning("inference skipped bad input: %s", bad.summary())
     marker = {

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
 
 from pipelines.dataset.info import find_dataset_info
 from pipelines.dataset.ingest import IngestOptions, ingest
@@ -34,6 +36,7 @@ from pipelines.storage import Storage, join
 from pipelines.training.checkpointing import TrainingState, save_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
+from secu.augment import EvalTransform, normalize
 from secu.network import build_network
 from secu.recipes import recipe
 from secu.state import ClusterState
@@ -67,12 +70,25 @@ def coordinator_state(num_samples: int, ks: Sequence[int], epoch: int) -> Coordi
     return CoordinatorState(ranges=((0, num_samples),), ks=tuple(ks), shards=(shard,))
 
 
-def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int, num_samples: int = 12) -> None:
+def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int, num_samples: int = 12,
+                     centers_from: np.ndarray | None = None) -> None:
     """A checkpoint (fresh network, as the training loop lays it out, with a history, and the coordinator
-    state of ``coordinator_state``) in ``directory``."""
+    state of ``coordinator_state``) in ``directory``.
+
+    A fresh network maps all images of a small set to one cluster; with ``centers_from`` (K_0 images) head 0's
+    centers are those images' embeddings, so that head 0 spreads images over its clusters (image i of
+    ``centers_from`` lands in cluster i).
+    """
     job = train_job(run_id, dataset)
     exp = job.experiment
     network = build_network(exp)
+    if centers_from is not None:
+        transform = EvalTransform(exp.augment)
+        x = normalize(torch.stack([transform(image) for image in centers_from]), exp.augment.mean, exp.augment.std)
+        network.eval()  # as inference runs it
+        with torch.no_grad():
+            _, z_BD = network.assign(x)
+            network.centers.weights[0].copy_(F.normalize(z_BD.T, dim=0))
     history = [{"epoch": e, "train/loss": 5.0 - e, "train/loss_center": 3.0 - 0.5 * e, "train/loss_repr": 2.0 - 0.4 * e,
                 "clusters/h0/changed_frac": 0.5 / (e + 1), "clusters/h0/acc": 0.3 + 0.1 * e}
                for e in range(epoch + 1)]
@@ -92,11 +108,12 @@ def upload_dir(storage: Storage, local: str, rel: str) -> None:
                 storage.write_bytes_atomic(join(rel, sub), handle.read())
 
 
-def add_checkpoint(storage: Storage, run_id: str, dataset: str, epoch: int, name: str | None = None) -> str:
+def add_checkpoint(storage: Storage, run_id: str, dataset: str, epoch: int, name: str | None = None,
+                   centers_from: np.ndarray | None = None) -> str:
     """Write a checkpoint under ``runs/<run_id>/checkpoints/<name>`` (local or S3); returns its rel path."""
     rel = join("runs", run_id, "checkpoints", name or f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000")
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, run_id, dataset, epoch)
+        write_checkpoint(tmp, run_id, dataset, epoch, centers_from=centers_from)
         upload_dir(storage, tmp, rel)
     return rel
 

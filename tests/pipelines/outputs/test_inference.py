@@ -43,7 +43,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Storage, np.ndarray]
     images = make_dataset(storage, "tiny", N, shard_size=40)
     make_dataset(storage, "tiny-new", 30, shard_size=30, seed=5)
     add_checkpoint(storage, RUN, "tiny", 1)
-    add_checkpoint(storage, RUN, "tiny", 3)
+    add_checkpoint(storage, RUN, "tiny", 3, centers_from=images[::12][:10])  # head 0 spreads the images
     return storage, images
 
 
@@ -106,13 +106,50 @@ def test_inference_writes_the_declared_schema_and_every_image_once(
     for h, k in enumerate((10, 20, 30)):
         assert frame[f"cluster_h{h}"].between(0, k - 1).all()
         assert frame[f"confidence_h{h}"].between(1.0 / k, 1.0).all()
-        assert frame[f"similarity_h{h}"].between(-1.0, 1.0).all()
+        assert frame[f"similarity_h{h}"].between(-1.0 - 1e-6, 1.0 + 1e-6).all()  # float32 rounding of a cosine
     clusters, sims = _plain_torch_clusters(storage, images)
     np.testing.assert_array_equal(frame["cluster_h0"].to_numpy(), clusters)
     np.testing.assert_allclose(frame["similarity_h0"].to_numpy(), sims, atol=1e-5)
     marker = read_marker(storage, RUN)
     assert marker["rows"] == N and marker["dataset"] == "tiny" and marker["checkpoint_epoch"] == 3
     assert [f["path"] for f in marker["files"]] == [p.name for p in parts]
+
+
+README = REPO / "README.md"
+
+
+def _readme_queries() -> tuple[str, str]:
+    """The DuckDB query and the pandas snippet of README.md's "Output format", as written there."""
+    text = README.read_text()
+    sql = re.search(r"```sql\n(SELECT source, cluster_h0 FROM .*?);?\n```", text, re.S)
+    code = re.search(r"```python\n(import pandas as pd\ndf = pd.read_parquet\(.*?)```", text, re.S)
+    assert sql and code, "README.md lost the DuckDB and pandas queries of the output format"
+    return sql.group(1), code.group(1)
+
+
+@pytest.mark.ray
+def test_readme_queries_name_the_files_of_a_cluster(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import duckdb
+
+    storage, images = lake
+    sql, snippet = _readme_queries()
+    assert "'data/runs/fm1/assignments/*.parquet'" in sql and f"runs/{RUN}/" in snippet
+    (tmp_path / "data").symlink_to(storage.root)  # the quick start's storage root ./data
+    monkeypatch.chdir(tmp_path)
+    clusters, _ = _plain_torch_clusters(storage, images)  # computed without Ray, Parquet or the output
+    assert clusters[84] == 7  # the image whose embedding is center 7
+    manifest = read_manifest(storage, load_dataset_info(storage, "tiny"))
+    expected = sorted(manifest["source"].to_numpy(zero_copy_only=False)[clusters == 7].tolist())
+    assert expected, "no image in cluster 7: the query would be vacuous"
+
+    rows = duckdb.connect().execute(sql).fetchall()
+    namespace: dict[str, object] = {}
+    exec(snippet, namespace)  # the README's pandas lines, as written
+
+    assert sorted(source for source, _ in rows) == expected and {c for _, c in rows} == {7}
+    assert sorted(namespace["sources"]) == expected  # type: ignore[call-overload]
 
 
 @pytest.mark.ray
@@ -292,3 +329,59 @@ def test_infer_evaluate_report_jobs_on_s3(s3_root: Storage, capsys: pytest.Captu
     index = storage.read_bytes(f"runs/{RUN}/report/index.html").decode()
     thumbs = set(re.findall(r'src="(thumbs/[^"]+)"', index))
     assert thumbs and thumbs <= uploaded  # every image the index shows was uploaded
+
+
+def _corrupt_one_image(storage: Storage, dataset: str, shard: str, position: int) -> None:
+    """Overwrite most of one PNG member of a shard with zeros; the tar keeps its size (not a truncated shard)."""
+    import tarfile
+
+    path = storage.path("datasets", dataset, "shards", shard)
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".png")][position]
+    data = bytearray(Path(path).read_bytes())
+    data[member.offset_data + 16: member.offset_data + member.size] = bytes(member.size - 16)
+    Path(path).write_bytes(bytes(data))
+
+
+class _ErrorLines(logging.Handler):
+    """The messages of ERROR records, kept as text."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.ray
+def test_bad_image_over_the_budget_exits_2_naming_it_and_the_option(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    from jobs import infer
+
+    storage, _ = lake
+    make_dataset(storage, "broken", 40, shard_size=20, seed=3)
+    _corrupt_one_image(storage, "broken", "shard-000001.tar", 3)  # sample 23; 0.01 x 40 images allows 0
+    argv = ["--storage", storage.root, "--run-id", RUN, "--dataset", "broken", "--batch-size", "20"]
+
+    # Last in the module: inside pytest the failed execution's model actor stays alive (1 of the 2 CPUs) until Ray
+    # shuts down, which the garbage collection in run_inference releases in a plain process (a second inference in
+    # the same pytest process waited for that CPU).
+    errors = _ErrorLines()
+    logging.getLogger("jobs.common").addHandler(errors)
+    try:
+        start = time.monotonic()
+        code = infer.main(argv)
+        elapsed = time.monotonic() - start
+    finally:
+        logging.getLogger("jobs.common").removeHandler(errors)
+
+    [message] = errors.lines
+    assert code == 2 and elapsed < 90, (code, elapsed)
+    assert message.startswith("secu infer: bad input: inference of run fm1 on dataset 'broken': 1 of 40 images")
+    assert ("sample_index 23 (source synthetic:train:23, shard shard-000001.tar key s000001_0000003): "
+            "undecodable") in message
+    assert "max_bad_fraction=0.01 allows (0)" in message and "--set max_bad_fraction=0.025" in message
+    assert "Nothing was published" in message and "object at 0x" not in message
+    with pytest.raises(FileNotFoundError, match="_SUCCESS is missing"):
+        read_marker(storage, RUN, "assignments-broken")
