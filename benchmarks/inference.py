@@ -89,13 +89,14 @@ def plain_loop(storage: Storage, out_dir: str, batch_size: int, threads: int) ->
     """Single process: tars -> decode -> eval transform -> model -> rows -> one Parquet file."""
     from pipelines.dataset.decode import decode_image
     from pipelines.dataset.info import dataset_dir, load_dataset_info
+    from pipelines.outputs.image_sources import load_source_lookup
     from pipelines.outputs.inference import Assigner
     from pipelines.training.checkpointing import find_latest_checkpoint, load_checkpoint
     from secu.augment import EvalTransform
 
     with Stopwatch() as sw:
         ref = find_latest_checkpoint(storage, RUN_ID)
-        assigner = Assigner(ref, RUN_ID, torch_threads=threads)
+        assigner = Assigner(ref, RUN_ID, torch_threads=threads, sources=load_source_lookup(storage, DATASET))
         transform = EvalTransform(load_checkpoint(ref).job.experiment.augment)
         info = load_dataset_info(storage, DATASET)
         rows = 0

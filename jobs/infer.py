@@ -8,8 +8,10 @@ Examples:
         --set batch_size=512 --set concurrency=4
 
 Output: <storage>/runs/<run-id>/assignments/part-*.parquet (assignments-<dataset>/ for a dataset other
-than the one the run trained on), published by writing _SUCCESS last. Re-running replaces the output;
-an interrupted run is completed by running the same command again.
+than the one the run trained on), one row per image with its source path or URI. Staged under
+runs/<run-id>/_staging/ and published in one atomic step (a symbolic link switched locally; on S3 the
+prefix holds _SUCCESS, which names the files). Re-running replaces the output; an interrupted run is
+completed by running the same command again. A second inference of the same output is refused (exit 3).
 
 Options (--config FILE holds them as key: value lines, --set KEY=VALUE sets one): batch_size, concurrency,
 use_gpu, cpus_per_actor, with_embeddings, min_rows_per_file, max_bad_fraction.

@@ -2,56 +2,60 @@
 
 Pipeline (Ray Data, streaming)::
 
+    lock runs/<run_id>/_infer-<name>.lock (a second inference of the same output is refused)
     shards (tar) --read + decode + evaluation transform (CPU tasks, pipelines.dataset.streams)--> uint8 C x S x S
       --> Assigner actors (map_batches with an ActorPoolStrategy of N actors, model loaded once per actor;
-          one GPU each when there are GPUs)
-      --> write_parquet into runs/<run_id>/<name>/_staging-<attempt>/
+          one GPU each when there are GPUs; each row's source looked up by sample_index in the manifest,
+          shared through the object store, pipelines.outputs.image_sources)
+      --> write_parquet into runs/<run_id>/_staging/<name>/<attempt>/ (outside the published prefix)
       --> verify (ids unique and in range; skipped bad images within the policy's budget)
-      --> publish (pipelines.outputs.assignments: _SUCCESS written last)
+      --> publish (pipelines.outputs.publish: a version folder, then one atomic switch)
 
 Bad input follows ``pipelines.dataset.bad_input``: an image that cannot be used is skipped and counted (the
 count, reasons and first examples go into ``_SUCCESS`` under ``skipped``); more than
-``max_bad_fraction`` of the dataset fails the inference and publishes nothing.
+``max_bad_fraction`` of the dataset fails the inference with a ``BadInputError`` that names the images
+(sample_index, source, shard and key), the count and the option to change, and publishes nothing.
 
 The rows follow ``pipelines.outputs.schema.assignment_schema``. Re-running replaces the published output; a
 run killed at any point leaves the previous output (or none) published and is completed by running
-it again (it starts over in a fresh staging prefix).
+it again (it starts over in a fresh staging folder).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from pipelines.dataset.info import load_dataset_info
-from pipelines.outputs.assignments import (
-    default_output_name,
+from pipelines.dataset.info import DatasetInfo, load_dataset_info
+from pipelines.outputs.assignments import default_output_name, output_dir, published_files, read_assignments
+from pipelines.outputs.bad_images import too_much_bad_input
+from pipelines.outputs.image_sources import SourceLookup, load_source_lookup
+from pipelines.outputs.publish import (
     new_attempt,
-    output_dir,
+    output_lock,
     publish,
-    published_files,
-    read_assignments,
     remove_stale_staging,
-    staged_files,
     staging_dir,
+    verify_staged,
 )
 from pipelines.outputs.schema import (
     EMBEDDING_COLUMN,
     SCHEMA_VERSION,
+    SOURCE_COLUMN,
     assignment_schema,
     cluster_column,
     confidence_column,
     similarity_column,
 )
-from pipelines.storage import Storage, join
+from pipelines.storage import Storage
 from pipelines.tracking.ray_metrics import export_inference
 from pipelines.training.checkpointing import (
     CheckpointRef,
@@ -130,12 +134,23 @@ class Assigner:
     """Ray Data callable class: uint8 image batches in, assignment rows (an Arrow table) out.
 
     The model is loaded once per actor, from the checkpoint's location (downloaded when remote), so
-    only a small picklable reference travels to the actors, not the weights.
+    only a small picklable reference travels to the actors, not the weights. The ``source`` of each row
+    comes from the batch when the stream carries a ``source`` column, else from ``sources``.
     """
 
     def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
-                 use_gpu: bool = False, torch_threads: int = 1) -> None:
-        """Load the method of ``checkpoint`` onto this actor's device."""
+                 use_gpu: bool = False, torch_threads: int = 1, sources: Any = None) -> None:
+        """Load the method of ``checkpoint`` onto this actor's device.
+
+        Args:
+            checkpoint: The checkpoint to load.
+            run_id: Written into every row.
+            with_embeddings: Also write the embedding column.
+            use_gpu: Run the model on this actor's GPU.
+            torch_threads: CPU threads of torch (without a GPU).
+            sources: The dataset's ``SourceLookup``, or a Ray ``ObjectRef`` to one (read from the object store
+                once per actor, without a copy on the node that holds it).
+        """
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("an Assigner was given a GPU but torch sees none: check the CUDA install")
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -152,10 +167,23 @@ class Assigner:
         dim = embedding_dim(self.method, exp) if with_embeddings else None
         self.schema = assignment_schema(self.num_heads, dim)
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
+        if sources is not None and not isinstance(sources, SourceLookup):
+            import ray
+
+            sources = ray.get(sources)
+        self.sources: SourceLookup | None = sources
+
+    def _sources(self, batch: dict[str, np.ndarray]) -> pa.Array:
+        if SOURCE_COLUMN in batch:
+            return pa.array([str(s) for s in batch[SOURCE_COLUMN]], pa.string())
+        if self.sources is None:
+            raise ValueError("the Assigner was given neither a source lookup nor batches with a 'source' column")
+        return self.sources.take(np.asarray(batch["sample_index"], dtype=np.int64))
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Cluster one batch with columns ``image`` (uint8 B x C x S x S), ``sample_index``, ``key``, ``shard``."""
+        """Cluster one batch with columns ``image`` (uint8 B x C x S x S), ``sample_index``, ``key``, ``shard``
+        (and ``source``, optional)."""
         images = batch["image"]
         if images.dtype == object:  # ragged column: the transform produced arrays one by one
             images = np.stack(list(images))
@@ -169,6 +197,7 @@ class Assigner:
             "sample_index": pa.array(np.asarray(batch["sample_index"], dtype=np.int64)),
             "key": pa.array([str(k) for k in batch["key"]], pa.string()),
             "shard": pa.array([str(s) for s in batch["shard"]], pa.string()),
+            SOURCE_COLUMN: self._sources(batch),
         }
         for h in range(self.num_heads):
             arrays[cluster_column(h)] = pa.array(out.clusters_HB[h].to(torch.int32).cpu().numpy())
@@ -183,31 +212,6 @@ class Assigner:
         arrays["checkpoint"] = pa.array([self.checkpoint] * n, pa.string())
         arrays["checkpoint_epoch"] = pa.array(np.full(n, self.epoch, dtype=np.int32))
         return pa.Table.from_arrays([arrays[name] for name in self.schema.names], schema=self.schema)
-
-
-def verify_staged(storage: Storage, staging_rel: str, num_samples: int) -> int:
-    """Check the staged files: every sample_index in [0, num_samples) at most once. Returns the rows.
-
-    Uses one byte per sample of memory (a bitmap over the dense ids), reading only that column.
-
-    Raises:
-        RuntimeError: On duplicate or out-of-range ids (a bug, or the dataset changed under the job).
-    """
-    seen = np.zeros(num_samples, dtype=bool)
-    rows = 0
-    for name in staged_files(storage, staging_rel):
-        with storage.filesystem.open_input_file(storage.path(join(staging_rel, name))) as handle:
-            ids = pq.read_table(handle, columns=["sample_index"])["sample_index"].to_numpy()
-        rows += ids.size
-        if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
-            raise RuntimeError(
-                f"{name} holds sample_index outside [0, {num_samples}): the dataset changed while the "
-                "inference ran; re-run it"
-            )
-        if seen[ids].any() or np.unique(ids).size != ids.size:
-            raise RuntimeError(f"{name}: duplicate sample_index values in the staged output; re-run the inference")
-        seen[ids] = True
-    return rows
 
 
 def _resources(options: InferenceOptions) -> tuple[bool, int]:
@@ -244,7 +248,7 @@ def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[
 
 
 def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: CheckpointRef, run_id: str,
-                       options: InferenceOptions, use_gpu: bool, concurrency: int) -> None:
+                       options: InferenceOptions, use_gpu: bool, concurrency: int, sources: Any) -> None:
     """Run ``concurrency`` Assigner actors over the evaluation stream ``ds``; write their rows under ``staging_rel``."""
     import ray.data
 
@@ -252,7 +256,7 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
         Assigner,
         fn_constructor_kwargs={
             "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
-            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
+            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)), "sources": sources,
         },
         batch_size=options.batch_size,
         batch_format="numpy",
@@ -310,15 +314,12 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
     Returns:
         What was published.
     """
-    import ray
-
-    from pipelines.dataset.bad_input import BadInputPolicy, new_bad_input_counter, verify_epoch
-    from pipelines.dataset.streams import build_eval_dataset, selected_shards
+    from pipelines.dataset.streams import selected_shards
 
     options = options or InferenceOptions()
     storage.check_reachable()
     ref, loaded = _checkpoint(storage, run_id, checkpoint)  # fails here, before any Ray work, when unreadable
-    exp, train_dataset = loaded.job.experiment, loaded.job.dataset
+    train_dataset = loaded.job.dataset
     dataset = dataset or train_dataset
     info = load_dataset_info(storage, dataset)
     chosen_shards = selected_shards(info, shards)  # ValueError on an unknown shard, before any Ray work
@@ -326,9 +327,33 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
     expected = sum(s.count for s in chosen_shards)
     name = output_name or default_output_name(dataset, train_dataset)
     out_rel = output_dir(run_id, name)
+    # Held until published: a second inference of this output is refused (LockHeldError) before any work.
+    with output_lock(storage, out_rel, f"inference of run {run_id} into {name}"):
+        return _infer_and_publish(storage, run_id, name, ref, loaded, info, expected, options,
+                                  None if shards is None else chosen)
+
+
+def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: CheckpointRef, loaded: LoadedCheckpoint,
+                       info: DatasetInfo, expected: int, options: InferenceOptions,
+                       shards: list[str] | None) -> InferenceResult:
+    """``run_inference`` after the checks, holding the output's lock: stage, verify, publish."""
+    import ray
+
+    from pipelines.dataset.bad_input import (
+        BadInputError,
+        BadInputPolicy,
+        BadInputReport,
+        new_bad_input_counter,
+        verify_epoch,
+    )
+    from pipelines.dataset.streams import build_eval_dataset
+
+    exp, train_dataset, dataset = loaded.job.experiment, loaded.job.dataset, info.name
+    out_rel = output_dir(run_id, name)
     attempt = new_attempt()
     remove_stale_staging(storage, out_rel)
     staging_rel = staging_dir(out_rel, attempt)
+    sources = load_source_lookup(storage, info)
     if not ray.is_initialized():
         ray.init()
     use_gpu, concurrency = _resources(options)
@@ -338,14 +363,29 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
     start = time.monotonic()
     policy = BadInputPolicy(max_bad_fraction=options.max_bad_fraction)
     counter = new_bad_input_counter(expected, policy)
-    ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter,
-                            shards=None if shards is None else chosen)
-    _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency)
-    seconds = time.monotonic() - start
-    rows = verify_staged(storage, staging_rel, info.num_samples)
-    # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
-    # budget this raises BadInputError and nothing is published.
-    bad = verify_epoch(counter, rows)
+    failure: BadInputError | None = None
+    ds: Any = None
+    try:
+        ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards)
+        _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, ray.put(sources))
+        seconds = time.monotonic() - start
+        rows = verify_staged(storage, staging_rel, info.num_samples)
+        # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
+        # budget this raises BadInputError and nothing is published.
+        bad = verify_epoch(counter, rows)
+    except Exception:
+        # Over the budget the decode stage raises inside a Ray task (or verify_epoch here): one message naming
+        # the images, the count and the setting, instead of the task's traceback.
+        report = cast(BadInputReport, ray.get(counter.report.remote()))
+        if not report.over_limit:
+            raise
+        failure = too_much_bad_input(report, sources, info, run_id, options.max_bad_fraction)
+    if failure is not None:
+        # Ray Data keeps a failed execution's actors in a reference cycle (with the task's traceback): collect
+        # it now, so that they give their CPUs back to a driver that goes on (a reclustering tick, a notebook).
+        ds = None
+        gc.collect()
+        raise failure
     if bad.bad:
         logger.warning("inference skipped bad input: %s", bad.summary())
     marker = {
@@ -356,7 +396,7 @@ def run_inference(storage: Storage, run_id: str, *, dataset: str | None = None,
         "dataset_version": info.version,
         "dataset_num_samples": info.num_samples,
         "scope": "all" if shards is None else "shards",
-        "shards": None if shards is None else chosen,
+        "shards": shards,
         "train_dataset": train_dataset,
         **_model_fields(ref, exp, options, loaded.method),
         "attempt": attempt,

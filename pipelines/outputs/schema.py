@@ -7,6 +7,8 @@ One row per image. Columns, in this order:
 | ``sample_index`` | int64 | the image's dense id, assigned at ingest (``manifest.parquet``) |
 | ``key`` | string | its WebDataset key inside the shard |
 | ``shard`` | string | the shard file it was read from (``shard-000003.tar``) |
+| ``source`` | string | the image's original path or URI, as ingest recorded it in the manifest |
+| | | (``s3://lake/cats/001.jpg``, ``/data/cats/001.jpg``, ``idx:train:12``); since schema version 2 |
 | ``cluster_h{h}`` | int32 | per head h: argmax_k of z . C_h (spec section 7) |
 | ``similarity_h{h}`` | float32 | per head: the cosine similarity z . C_h of the chosen cluster, in [-1, 1] |
 | ``confidence_h{h}`` | float32 | per head: softmax(z . C_h / tw)[chosen], the probability of the chosen |
@@ -23,16 +25,23 @@ unambiguous they are; it depends on K and tw, so compare it within one head only
 
 Every column is non-nullable. Only standard Arrow types are used (no Ray tensor extension type), so
 pyarrow, pandas, DuckDB and Spark read the files as they are.
+
+Versions (``SCHEMA_VERSION``, recorded in every output's ``_SUCCESS`` as ``schema_version``): 1 had no
+``source`` column; 2 added it after ``shard``. ``assignment_schema(..., version=1)`` gives the old layout so
+that outputs written before the column existed still read (``pipelines.outputs.assignments``).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-"""Incremented when columns change meaning or type."""
+SCHEMA_VERSION = 2
+"""Incremented when columns are added or change meaning or type (2: ``source`` added)."""
 
-ID_COLUMNS = ("sample_index", "key", "shard")
+SOURCE_COLUMN = "source"
+SOURCE_SINCE_VERSION = 2
+"""The first schema version with the ``source`` column."""
+ID_COLUMNS = ("sample_index", "key", "shard", SOURCE_COLUMN)
 PROVENANCE_COLUMNS = ("run_id", "checkpoint", "checkpoint_epoch")
 EMBEDDING_COLUMN = "embedding"
 
@@ -52,12 +61,22 @@ def confidence_column(head: int) -> str:
     return f"confidence_h{head}"
 
 
-def assignment_schema(num_heads: int, embedding_dim: int | None = None) -> pa.Schema:
+def assignment_schema(num_heads: int, embedding_dim: int | None = None, *,
+                      version: int = SCHEMA_VERSION) -> pa.Schema:
     """The schema of assignment files for ``num_heads`` heads, with an embedding column if a dim is given.
 
+    Args:
+        num_heads: Heads of the model (one cluster, similarity and confidence column each).
+        embedding_dim: Width of the ``embedding`` column; None for no such column.
+        version: The schema version to describe (``SCHEMA_VERSION``, what inference writes now; 1 for
+            outputs written before ``source`` existed).
+
     Raises:
-        ValueError: If ``num_heads < 1`` or ``embedding_dim < 1``.
+        ValueError: If ``num_heads < 1``, ``embedding_dim < 1`` or ``version`` is not one this code knows.
     """
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"assignment schema version {version} is unknown to this secu-ray (it knows 1 to "
+                         f"{SCHEMA_VERSION}): upgrade to read this output")
     if num_heads < 1:
         raise ValueError(f"num_heads={num_heads} must be >= 1")
     if embedding_dim is not None and embedding_dim < 1:
@@ -67,6 +86,8 @@ def assignment_schema(num_heads: int, embedding_dim: int | None = None) -> pa.Sc
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
     ]
+    if version >= SOURCE_SINCE_VERSION:
+        fields.append(pa.field(SOURCE_COLUMN, pa.string(), nullable=False))
     for h in range(num_heads):
         fields.append(pa.field(cluster_column(h), pa.int32(), nullable=False))
         fields.append(pa.field(similarity_column(h), pa.float32(), nullable=False))

@@ -111,7 +111,8 @@ def test_ingest_train_infer_evaluate_through_job_submit(head: Head, moto_endpoin
     marker = read_marker(storage, "e2e")
     assert marker["rows"] == 128 and marker["dataset"] == "fm"
     files = published_files(storage, "e2e")
-    assert files and all(f.startswith(f"s3://{bucket}/secu/runs/e2e/assignments/part-") for f in files), files
+    version = f"s3://{bucket}/secu/runs/e2e/_versions/assignments/{marker['version']}/part-"
+    assert files and all(f.startswith(version) for f in files), files
     table = read_assignments(storage, "e2e")
     assert table.num_rows == 128 and sorted(table["sample_index"].to_pylist()) == list(range(128))
     assert {"sample_index", "cluster_h0", "cluster_h1", "confidence_h0", "run_id"} <= set(table.column_names)

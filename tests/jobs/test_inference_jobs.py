@@ -1,17 +1,26 @@
-"""The infer, evaluate and report entrypoints: arguments, exit codes, errors (no Ray cluster needed)."""
+"""The infer, evaluate and report entrypoints: arguments, exit codes, errors, the inference lock (no Ray cluster
+needed)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from jobs import cli, evaluate, infer, report
+from jobs.common import EXIT_LOCKED
 from pipelines.dataset.info import load_dataset_info, read_manifest
+from pipelines.outputs.assignments import output_dir
+from pipelines.outputs.publish import lock_path, output_lock
+from pipelines.run_lock import LockInfo
 from pipelines.storage import Storage
-from tests.pipelines.run_builders import make_dataset, publish_assignments
+from tests.pipelines.run_builders import add_checkpoint, make_dataset, publish_assignments
 
 
 @pytest.fixture()
@@ -74,3 +83,33 @@ def test_report_through_the_console_script(published: Storage, capsys: pytest.Ca
     index = Path(capsys.readouterr().out.strip())
     assert index == Path(published.path("runs/r/report/index.html")) and index.exists()
     assert report.main(["--storage", published.root, "--run-id", "r", "--head", "3"]) == 2
+
+
+def test_a_second_infer_of_the_same_output_is_refused_in_seconds_naming_the_holder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage = Storage(str(tmp_path))
+    make_dataset(storage, "tiny", 9, shard_size=9)
+    add_checkpoint(storage, "r", "tiny", 1)
+    caplog.set_level(logging.ERROR)
+    with output_lock(storage, output_dir("r"), "inference of run r into assignments (the first one)"):
+        start = time.monotonic()
+        code = infer.main(["--storage", storage.root, "--run-id", "r"])
+        elapsed = time.monotonic() - start
+    assert code == EXIT_LOCKED and elapsed < 15, (code, elapsed)
+    assert "refused: another run holds lock" in caplog.text and "runs/r/_infer-assignments.lock" in caplog.text
+    assert "inference of run r into assignments (the first one)" in caplog.text and "since" in caplog.text
+    assert not (tmp_path / "runs" / "r" / "_staging").exists()  # it touched nothing of the first one's work
+    assert not (tmp_path / "runs" / "r" / "assignments").exists()
+
+
+def test_the_lock_of_a_dead_inference_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage = Storage(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    holder = LockInfo(f"{socket.gethostname()}:{int(dead.stdout)}:0badf00d", "inference of run r into assignments",
+                      time.time() - 60, time.time() + 3600)
+    storage.write_bytes_atomic(lock_path(output_dir("r")), holder.to_bytes())
+    with caplog.at_level(logging.WARNING), output_lock(storage, output_dir("r"), "the next inference") as lock:
+        assert lock.read() is not None and lock.read() == lock.info
+    assert "its holder's process is gone" in caplog.text and "0badf00d" in caplog.text
+    assert not storage.exists(lock_path(output_dir("r")))  # released after the block

@@ -15,11 +15,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
 
+from pipelines.dataset.info import find_dataset_info
 from pipelines.dataset.ingest import IngestOptions, ingest
 from pipelines.dataset.sources import ArrayPart, ArraySource
 from pipelines.dataset.synthetic import pattern_images
-from pipelines.outputs.assignments import new_attempt, output_dir, publish, staging_dir
+from pipelines.outputs.assignments import output_dir
+from pipelines.outputs.image_sources import load_source_lookup
+from pipelines.outputs.publish import new_attempt, publish, staging_dir
 from pipelines.outputs.schema import (
     SCHEMA_VERSION,
     assignment_schema,
@@ -31,6 +36,7 @@ from pipelines.storage import Storage, join
 from pipelines.training.checkpointing import TrainingState, save_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState, ShardState, label_dtype
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig
+from secu.augment import EvalTransform, normalize
 from secu.network import build_network
 from secu.recipes import recipe
 from secu.state import ClusterState
@@ -64,12 +70,25 @@ def coordinator_state(num_samples: int, ks: Sequence[int], epoch: int) -> Coordi
     return CoordinatorState(ranges=((0, num_samples),), ks=tuple(ks), shards=(shard,))
 
 
-def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int, num_samples: int = 12) -> None:
+def write_checkpoint(directory: str, run_id: str, dataset: str, epoch: int, num_samples: int = 12,
+                     centers_from: np.ndarray | None = None) -> None:
     """A checkpoint (fresh network, as the training loop lays it out, with a history, and the coordinator
-    state of ``coordinator_state``) in ``directory``."""
+    state of ``coordinator_state``) in ``directory``.
+
+    A fresh network maps all images of a small set to one cluster; with ``centers_from`` (K_0 images) head 0's
+    centers are those images' embeddings, so that head 0 spreads images over its clusters (image i of
+    ``centers_from`` lands in cluster i).
+    """
     job = train_job(run_id, dataset)
     exp = job.experiment
     network = build_network(exp)
+    if centers_from is not None:
+        transform = EvalTransform(exp.augment)
+        x = normalize(torch.stack([transform(image) for image in centers_from]), exp.augment.mean, exp.augment.std)
+        network.eval()  # as inference runs it
+        with torch.no_grad():
+            _, z_BD = network.assign(x)
+            network.centers.weights[0].copy_(F.normalize(z_BD.T, dim=0))
     history = [{"epoch": e, "train/loss": 5.0 - e, "train/loss_center": 3.0 - 0.5 * e, "train/loss_repr": 2.0 - 0.4 * e,
                 "clusters/h0/changed_frac": 0.5 / (e + 1), "clusters/h0/acc": 0.3 + 0.1 * e}
                for e in range(epoch + 1)]
@@ -89,11 +108,12 @@ def upload_dir(storage: Storage, local: str, rel: str) -> None:
                 storage.write_bytes_atomic(join(rel, sub), handle.read())
 
 
-def add_checkpoint(storage: Storage, run_id: str, dataset: str, epoch: int, name: str | None = None) -> str:
+def add_checkpoint(storage: Storage, run_id: str, dataset: str, epoch: int, name: str | None = None,
+                   centers_from: np.ndarray | None = None) -> str:
     """Write a checkpoint under ``runs/<run_id>/checkpoints/<name>`` (local or S3); returns its rel path."""
     rel = join("runs", run_id, "checkpoints", name or f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000")
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, run_id, dataset, epoch)
+        write_checkpoint(tmp, run_id, dataset, epoch, centers_from=centers_from)
         upload_dir(storage, tmp, rel)
     return rel
 
@@ -102,11 +122,15 @@ def publish_assignments(storage: Storage, run_id: str, dataset: str, sample_inde
                         keys: Sequence[str], shards: Sequence[str], clusters: Sequence[Any],
                         ks: Sequence[int], confidence: Sequence[Any] | None = None,
                         name: str = "assignments", files: int = 2) -> None:
-    """Publish hand-made assignments (``clusters[h][i]``) through the real staging + publish protocol."""
+    """Publish hand-made assignments (``clusters[h][i]``) through the real staging + publish protocol; the
+    ``source`` column comes from the dataset's manifest (``hand-made:<key>`` when there is no such dataset)."""
     n, heads = len(sample_index), len(ks)
     rng = np.random.default_rng(1)
-    cols: dict[str, pa.Array] = {"sample_index": pa.array(np.asarray(sample_index, dtype=np.int64)),
-                                 "key": pa.array(list(keys), pa.string()), "shard": pa.array(list(shards), pa.string())}
+    ids = np.asarray(sample_index, dtype=np.int64)
+    sources = (load_source_lookup(storage, dataset).take(ids) if find_dataset_info(storage, dataset) is not None
+               else pa.array([f"hand-made:{k}" for k in keys], pa.string()))
+    cols: dict[str, pa.Array] = {"sample_index": pa.array(ids), "key": pa.array(list(keys), pa.string()),
+                                 "shard": pa.array(list(shards), pa.string()), "source": sources}
     for h in range(heads):
         conf = np.asarray(confidence[h] if confidence is not None else rng.uniform(0.2, 1.0, n), dtype=np.float32)
         cols[cluster_column(h)] = pa.array(np.asarray(clusters[h], dtype=np.int32))

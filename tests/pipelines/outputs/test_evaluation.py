@@ -122,13 +122,15 @@ def test_published_files_are_plain_parquet(tmp_path: Path) -> None:
     publish_assignments(storage, "r", "tiny", list(range(6)), keys, shards, [[0, 1, 2, 0, 1, 2]], ks=[3])
     marker = read_marker(storage, "r")
     files = sorted(p.name for p in (tmp_path / "runs" / "r" / "assignments").iterdir())
-    assert files == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
+    unique = marker["version"].rpartition("-")[2]
+    assert files == ["_SUCCESS", f"part-00000-{unique}.parquet", f"part-00001-{unique}.parquet"]
     assert [f["path"] for f in marker["files"]] == files[1:] and marker["rows"] == 6
     # A plain reader of the directory (pyarrow dataset discovery) sees exactly the rows once.
     table = pq.read_table(str(tmp_path / "runs" / "r" / "assignments"))
     assert sorted(table["sample_index"].to_pylist()) == list(range(6))
-    listed = published_files(storage, "r")
-    assert listed == [str(tmp_path / "runs" / "r" / "assignments" / f) for f in files[1:]]
+    listed = published_files(storage, "r")  # in the version folder, which does not change under a reader
+    assert listed == [str(tmp_path / "runs" / "r" / "_versions" / "assignments" / marker["version"] / f)
+                      for f in files[1:]]
 
 
 def test_images_skipped_as_bad_input_are_counted_per_stage(tmp_path: Path) -> None:
