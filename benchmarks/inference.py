@@ -89,8 +89,8 @@ def plain_loop(storage: Storage, out_dir: str, batch_size: int, threads: int) ->
     """Single process: tars -> decode -> eval transform -> model -> rows -> one Parquet file."""
     from pipelines.dataset.decode import decode_image
     from pipelines.dataset.info import dataset_dir, load_dataset_info
+    from pipelines.outputs.assigner import Assigner
     from pipelines.outputs.image_sources import load_source_lookup
-    from pipelines.outputs.inference import Assigner
     from pipelines.training.checkpointing import find_latest_checkpoint, load_checkpoint
     from secu.augment import EvalTransform
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipelines.outputs.assigner import Assigner
 from pipelines.outputs.image_sources import SourceLookup, load_source_lookup
-from pipelines.outputs.inference import Assigner
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import find_latest_checkpoint
 from secu.augment import EvalTransform

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pipelines.dataset.info import load_dataset_info, read_manifest
+from pipelines.outputs import progress
 from pipelines.outputs.assignments import read_assignments, read_marker
 from pipelines.outputs.evaluation import evaluate_assignments
 from pipelines.outputs.inference import InferenceOptions, InferenceResult, run_inference
@@ -154,10 +155,16 @@ def test_readme_queries_name_the_files_of_a_cluster(
 
 @pytest.mark.ray
 def test_rerun_replaces_rows_and_other_datasets_get_their_own_output(
-        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+        published: InferenceResult, lake: tuple[Storage, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     storage, _ = lake
     assert read_assignments(storage, RUN).num_rows == N
-    result = run_inference(storage, RUN, options=InferenceOptions(batch_size=50, with_embeddings=True))
+    monkeypatch.setattr(progress, "EVERY_S", 0.05)
+    with caplog.at_level(logging.INFO, logger="pipelines.outputs.progress"):
+        result = run_inference(storage, RUN, options=InferenceOptions(batch_size=50, with_embeddings=True))
+    # Progress a person can read (issue 16): done of total, and once any are done the rate and the time left.
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.outputs.progress"]
+    assert lines and all(re.match(rf"inference of run {RUN}: [\d,]+ of {N:,} images", line) for line in lines), lines
     other = run_inference(storage, RUN, dataset="tiny-new", options=InferenceOptions(batch_size=50))
 
     table = read_assignments(storage, RUN)
