@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from pipelines.dataset.info import load_dataset_info, read_manifest
-from pipelines.outputs.assignments import new_attempt, output_dir, publish, staging_dir
+from pipelines.outputs.assignments import output_dir
+from pipelines.outputs.publish import new_attempt, publish, staging_dir
 from pipelines.outputs.report import ReportOptions, build_report
 from pipelines.outputs.schema import (
     EMBEDDING_COLUMN,
@@ -217,7 +218,8 @@ def test_map_from_the_embedding_column(tmp_path: Path) -> None:
     schema = assignment_schema(1, 8)
     n = 60
     cols = {"sample_index": pa.array(np.arange(n)), "key": pa.array(manifest["key"].to_pylist()),
-            "shard": pa.array(manifest["shard"].to_pylist()), cluster_column(0): pa.array(labels.astype(np.int32)),
+            "shard": pa.array(manifest["shard"].to_pylist()), "source": pa.array(manifest["source"].to_pylist()),
+            cluster_column(0): pa.array(labels.astype(np.int32)),
             similarity_column(0): pa.array(np.full(n, 0.5, np.float32)),
             confidence_column(0): pa.array(np.full(n, 0.9, np.float32)),
             EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 8),
