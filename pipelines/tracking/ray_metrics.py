@@ -123,6 +123,7 @@ class RayMetrics:
         self.tags = {"job": job, "run_id": run_id, "dataset": dataset}
         self.enabled = enabled and _ray_connected()
         self._gauges: dict[str, Any] = {}
+        self._gauge_tags: dict[str, tuple[str, ...]] = {}
         self._counters: dict[str, Any] = {}
         self._last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
@@ -136,6 +137,10 @@ class RayMetrics:
         with self._lock:
             for key, value in numeric_figures(figures).items():
                 name, extra = metric_name(key)
+                if name in self._gauge_tags and self._gauge_tags[name] != tuple(extra):
+                    # One Ray metric has one set of tag keys: a figure whose name another figure took with other
+                    # tags (ProPos' ``propos/kmeans_iters``, a copy of head 0's) is left out rather than fail.
+                    continue
                 tags = self.tags | extra
                 self._gauge(name, tuple(extra)).set(value, tags=tags)
                 self._last[(name, tuple(sorted(tags.items())))] = value
@@ -162,6 +167,7 @@ class RayMetrics:
 
         if name not in self._gauges:
             self._gauges[name] = Gauge(name, description=DESCRIPTIONS.get(name, name), tag_keys=BASE_TAGS + extra)
+            self._gauge_tags[name] = extra
         return self._gauges[name]
 
     def _counter(self, name: str, extra: tuple[str, ...]) -> Any:

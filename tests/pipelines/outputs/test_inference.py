@@ -368,7 +368,9 @@ def test_bad_image_over_the_budget_exits_2_naming_it_and_the_option(
 
     storage, _ = lake
     make_dataset(storage, "broken", 40, shard_size=20, seed=3)
-    _corrupt_one_image(storage, "broken", "shard-000001.tar", 3)  # sample 23; 0.01 x 40 images allows 0
+    # Samples 23 and 25: 0.01 x 40 images allows 1 (the budget is at least one image when the fraction is above 0).
+    _corrupt_one_image(storage, "broken", "shard-000001.tar", 3)
+    _corrupt_one_image(storage, "broken", "shard-000001.tar", 5)
     argv = ["--storage", storage.root, "--run-id", RUN, "--dataset", "broken", "--batch-size", "20"]
 
     # Last in the module: inside pytest the failed execution's model actor stays alive (1 of the 2 CPUs) until Ray
@@ -385,10 +387,11 @@ def test_bad_image_over_the_budget_exits_2_naming_it_and_the_option(
 
     [message] = errors.lines
     assert code == 2 and elapsed < 90, (code, elapsed)
-    assert message.startswith("secu infer: bad input: inference of run fm1 on dataset 'broken': 1 of 40 images")
-    assert ("sample_index 23 (source synthetic:train:23, shard shard-000001.tar key s000001_0000003): "
-            "undecodable") in message
-    assert "max_bad_fraction=0.01 allows (0)" in message and "--set max_bad_fraction=0.025" in message
+    assert message.startswith("secu infer: bad input: inference of run fm1 on dataset 'broken': 2 of 40 images")
+    for i in (3, 5):
+        assert (f"sample_index {20 + i} (source synthetic:train:{20 + i}, shard shard-000001.tar key "
+                f"s000001_000000{i}): undecodable") in message
+    assert "max_bad_fraction=0.01 allows (1)" in message and "--set max_bad_fraction=0.05" in message
     assert "Nothing was published" in message and "object at 0x" not in message
     with pytest.raises(FileNotFoundError, match="_SUCCESS is missing"):
         read_marker(storage, RUN, "assignments-broken")

@@ -92,6 +92,19 @@ def test_training_figures_on_rank_zero(recorder: Recorder) -> None:
     assert {n for _, n, _, _ in recorder.calls}.isdisjoint({"secu_note", "secu_nan", "secu_flag"})
 
 
+def test_a_figure_whose_name_has_other_tags_is_left_out(recorder: Recorder) -> None:
+    """ProPos reports ``propos/h0/kmeans_iters`` and its copy ``propos/kmeans_iters``: one Ray metric name with
+    and without the head tag, which Ray refuses ("Missing value for tag key(s): head") and killed rank 0."""
+    metrics = RayMetrics("train", "r", "d")
+    metrics.set_gauges({"propos/h0/kmeans_iters": 7.0, "propos/h1/kmeans_iters": 9.0, "propos/kmeans_iters": 7.0,
+                        "train/loss": 1.0})
+    metrics.close()
+    assert recorder.values("gauge", "secu_propos_kmeans_iters", head="0") == [7.0]
+    assert recorder.values("gauge", "secu_propos_kmeans_iters", head="1") == [9.0]
+    assert len(recorder.values("gauge", "secu_propos_kmeans_iters")) == 2
+    assert recorder.values("gauge", "secu_train_loss") == [1.0]
+
+
 def test_gauges_are_set_again_until_closed(recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's agent drops a gauge not set within two export intervals: the exporter sets it again meanwhile."""
     monkeypatch.setenv(ray_metrics.REPORT_INTERVAL_ENV, "1000")  # refresh every 0.5 s
