@@ -102,6 +102,7 @@ def test_stopped_run_resumes_from_its_checkpoint(storage: Storage) -> None:
     assert (prev0 >= 0).all()
 
 
+@pytest.mark.slow  # two Ray trainings; the checks themselves are covered without Ray in test_damaged_checkpoints.py
 def test_damaged_and_deleted_checkpoints_resume_from_the_newest_intact_one(storage: Storage) -> None:
     """Issue 17: the latest checkpoint's folder deleted (Ray's snapshot still names it, which made Ray refuse
     to start) and the one before it cut short (Ray would have resumed from it and failed on torch's zip
@@ -163,6 +164,7 @@ def test_missing_dataset_fails_before_training(storage: Storage, tmp_path: Path)
         run_training(job, storage)
 
 
+@pytest.mark.slow  # a Ray training; the views' distributions are checked without Ray in test_views_of_canvas.py
 def test_views_on_the_workers_label_every_image(storage: Storage) -> None:
     """``augment.views_on_device=true`` on CPU workers: Ray Data only reads and decodes, each worker makes both
     views from its batches (``pipelines.dataset.streams.device_views``), and every image is labelled."""
