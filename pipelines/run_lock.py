@@ -26,6 +26,7 @@ when it still holds this owner's id.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -135,6 +137,19 @@ def abandoned_because(info: LockInfo, now: float) -> str | None:
     return None
 
 
+_BEATING: weakref.WeakSet[StorageLock] = weakref.WeakSet()
+"""Locks whose heartbeat thread may still run."""
+
+
+@atexit.register
+def _stop_heartbeats() -> None:
+    """Stop renewing every lock still held when the interpreter exits (an interpreter that exits without
+    releasing one has crashed, as far as the lock is concerned: it lapses after its lease); a daemon thread
+    inside a storage call during finalisation can crash the interpreter."""
+    for lock in list(_BEATING):
+        lock.stop_heartbeat()
+
+
 class StorageLock:
     """``with StorageLock(storage, rel, ttl_s=..., purpose=...):`` holds the lock object at ``rel``, renewing
     it every ``heartbeat_s`` seconds while held."""
@@ -230,6 +245,7 @@ class StorageLock:
         self._stop.clear()
         self._beater = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.rel}", daemon=True)
         self._beater.start()
+        _BEATING.add(self)
 
     def _beat(self) -> None:
         """Renew the lock every ``heartbeat_s`` while it is ours; stop (warning) when it is not any more."""

@@ -16,11 +16,13 @@ ingested) stay on the node's endpoint after the process has ended.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -182,6 +184,7 @@ class RayMetrics:
         if self._thread is None:
             self._thread = threading.Thread(target=self._refresh, name="secu-ray-metrics", daemon=True)
             self._thread.start()
+            _REFRESHING.add(self)
 
     def _refresh(self) -> None:
         interval = refresh_interval_s()
@@ -191,6 +194,18 @@ class RayMetrics:
             with self._lock:
                 for (name, tags), value in self._last.items():
                     self._gauges[name].set(value, tags=dict(tags))
+
+
+_REFRESHING: weakref.WeakSet[RayMetrics] = weakref.WeakSet()
+"""Exporters whose refresh thread may still run (ingest and inference keep theirs until the process ends)."""
+
+
+@atexit.register
+def _stop_refreshing() -> None:
+    """Stop every refresh thread before the interpreter (and Ray, whose exit hook was registered earlier and so
+    runs later) shuts down: a daemon thread inside Ray's metric calls during finalisation can crash it."""
+    for metrics in list(_REFRESHING):
+        metrics.close()
 
 
 def _ray_connected() -> bool:
