@@ -8,16 +8,14 @@ propagates with its traceback. ``--log-level DEBUG`` also logs the traceback of 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from pipelines.errors import bad_input_in_text, disk_full, inner_errors
 from pipelines.run_lock import LockHeldError
 from pipelines.storage import Storage
 
@@ -35,8 +33,6 @@ SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in the entrypoint process of a ``ray job submit`` job."""
 
 _STORAGE_HINT = "check --storage, --s3-endpoint and the AWS_* credentials in the environment"
-_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-_BAD_INPUT_LINE = re.compile(r"pipelines\.dataset\.bad_input\.BadInputError: (.+)")
 
 
 def job_parser(prog: str, description: str | None, *, config_help: str | None = None,
@@ -164,7 +160,7 @@ def classify_error(err: BaseException) -> UserFailure | None:
         return UserFailure(EXIT_USER_ERROR, "bad configuration", _one_paragraph(err))
     if isinstance(err, PermissionError | ConnectionError | TimeoutError | NotADirectoryError | IsADirectoryError):
         return UserFailure(EXIT_USER_ERROR, "storage", _one_paragraph(err))
-    if isinstance(err, OSError) and err.errno in _OS_ERRNOS:
+    if disk_full(err):
         return UserFailure(EXIT_USER_ERROR, "storage", _one_paragraph(err))
     if isinstance(err, OSError) and "AWS Error" in str(err):
         return UserFailure(EXIT_USER_ERROR, "storage", f"{_one_paragraph(err)} ({_STORAGE_HINT})")
@@ -195,24 +191,12 @@ def _is_ray_error(err: BaseException) -> bool:
     return module == "ray" or module.startswith("ray.")
 
 
-def _inner_errors(err: BaseException) -> Iterator[BaseException]:
-    """What a Ray exception wraps: a task's cause, a Train controller's or workers' failures, ``__cause__``."""
-    candidates: list[Any] = [getattr(err, "cause", None), getattr(err, "controller_failure", None)]
-    failures = getattr(err, "worker_failures", None)
-    if isinstance(failures, dict):
-        candidates.extend(failures.values())
-    candidates.append(err.__cause__)
-    yield from (c for c in candidates if isinstance(c, BaseException) and c is not err)
-
-
 def _classify_ray_error(err: BaseException) -> UserFailure | None:
-    for inner in _inner_errors(err):
+    for inner in inner_errors(err):
         found = classify_error(inner)
         if found is not None:
             return found
-    # A Ray Data UDF's error reaches the driver only as text in the remote traceback.
-    text = f"{err}\n{getattr(err, 'traceback_str', '')}"
-    match = _BAD_INPUT_LINE.search(text)
-    if match:
-        return UserFailure(EXIT_USER_ERROR, "bad input", match.group(1).strip())
+    message = bad_input_in_text(err)  # a Ray Data UDF's error reaches the driver only as text
+    if message is not None:
+        return UserFailure(EXIT_USER_ERROR, "bad input", message)
     return None

@@ -18,57 +18,24 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
-from collections.abc import Iterator
 
 from ray.train import UserCallback
 
 from pipelines.dataset.bad_input import BadInputError
+from pipelines.errors import all_errors, bad_input_in_text, disk_full
 from pipelines.training.checkpoint_integrity import CheckpointDamagedError
 
 logger = logging.getLogger(__name__)
-
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-_DISK_TEXTS = ("no space left on device", "disk quota exceeded", "read-only file system")
-"""pyarrow's and torch's wording for the same errors, whose errno they do not always set."""
-_BAD_INPUT_LINE = re.compile(r"pipelines\.dataset\.bad_input\.BadInputError: (.+)")
-
-
-def _wrapped(err: BaseException) -> Iterator[BaseException]:
-    """``err`` and what it wraps: a Ray task's cause, ``__cause__`` and ``__context__``, depth first."""
-    seen: set[int] = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        for inner in (getattr(e, "cause", None), e.__cause__, e.__context__):
-            if isinstance(inner, BaseException):
-                stack.append(inner)
 
 
 def deterministic_error(err: BaseException) -> BaseException | None:
     """The error inside ``err`` that a retry meets again (bad-input budget, damaged checkpoint, full or
     read-only disk), or None when a retry may succeed (a lost worker, a killed actor, a network error)."""
-    for e in _wrapped(err):
-        if isinstance(e, BadInputError | CheckpointDamagedError):
+    for e in all_errors(err):
+        if isinstance(e, BadInputError | CheckpointDamagedError) or disk_full(e):
             return e
-        if disk_full(e):
-            return e
-    # A Ray Data task's error reaches a train worker only as text in the remote traceback.
-    text = f"{err}\n{getattr(err, 'traceback_str', '')}"
-    match = _BAD_INPUT_LINE.search(text)
-    return BadInputError(match.group(1).strip()) if match else None
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether ``err`` is a full, over-quota or read-only disk (by errno, or by the words when none is set)."""
-    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
-        return True
-    text = str(err).lower()
-    return isinstance(err, OSError | RuntimeError) and any(t in text for t in _DISK_TEXTS)
+    message = bad_input_in_text(err)  # a Ray Data task's error reaches a train worker only as text
+    return None if message is None else BadInputError(message)
 
 
 def no_space(err: BaseException, what: str, where: str, nbytes: int) -> OSError:

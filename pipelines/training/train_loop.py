@@ -35,6 +35,7 @@ from torch import nn
 
 from pipelines.dataset.bad_input import verify_epoch
 from pipelines.dataset.streams import device_views
+from pipelines.errors import disk_full
 from pipelines.storage import Storage
 from pipelines.tracking.training import TrackingHandle, TrainingTracker
 from pipelines.training.checkpointing import (
@@ -46,7 +47,7 @@ from pipelines.training.checkpointing import (
     save_checkpoint,
 )
 from pipelines.training.coordinator import CoordinatorClient
-from pipelines.training.fail_fast import disk_full, no_space
+from pipelines.training.fail_fast import no_space
 from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.metrics_log import MetricsLog, progress
 from pipelines.training.warm_start import WarmStart
