@@ -104,12 +104,12 @@ class ReportData:
 
 @dataclass
 class MemberCounts:
-    """How many members of each kind a cluster's pages show."""
+    """How many members of each kind a cluster's pages show (the defaults are ``ReportOptions``')."""
 
-    top: int = 16
-    borderline: int = 16
-    random: int = 16
-    more_pages: int = 2
+    top: int
+    borderline: int
+    random: int
+    more_pages: int
     """Extra pages of random members for a cluster larger than its first page shows."""
 
     @property

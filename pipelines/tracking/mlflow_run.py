@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from pipelines.storage import Storage
 from pipelines.tracking.config import TrackingConfig
 from pipelines.tracking.ray_metrics import numeric_figures
+from pipelines.training.metrics_log import HISTORY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ INSTALL_HINT = "pip install 'secu-ray[mlflow]'"
 RUN_ID_TAG = "secu.run_id"
 FORWARDED_ENV = ("MLFLOW_ALLOW_FILE_STORE",)
 """Settings of MLflow's client (no credentials) that travel from the driver to the rank-0 worker."""
-HISTORY_FILE = "train_history.json"
 _MAX_PARAMS, _MAX_METRICS = 100, 1000
 """MLflow's limits per ``log_batch`` call."""
 
