@@ -146,27 +146,29 @@ def _as_bytes(value: Any) -> bytes | None:
     return None
 
 
-def _sample_index(meta: bytes | None, key: str, shard: str, shard_first: Mapping[str, int]) -> int | None:
-    if meta is not None:
-        try:
-            value = json.loads(meta).get("sample_index")
-            if isinstance(value, int) and value >= 0:
-                return value
-        except (ValueError, AttributeError):
-            pass  # fall back to the key below
-    parsed = parse_key(key)
+def _parse_meta(meta: bytes | None) -> dict[str, Any]:
+    """The sample's ``<key>.json`` as a dict ({} when absent or unreadable)."""
+    if meta is None:
+        return {}
+    try:
+        value = json.loads(meta)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _sample_index(meta: dict[str, Any], key: str, shard: str, shard_first: Mapping[str, int]) -> int | None:
+    value = meta.get("sample_index")
+    if isinstance(value, int) and value >= 0:
+        return value
+    parsed = parse_key(key)  # no usable id in the json: the key names the position in the shard
     if parsed is not None and shard in shard_first:
         return shard_first[shard] + parsed[1]
     return None
 
 
-def _label(meta: bytes | None) -> int:
-    if meta is None:
-        return -1
-    try:
-        value = json.loads(meta).get("label")
-    except (ValueError, AttributeError):
-        return -1
+def _label(meta: dict[str, Any]) -> int:
+    value = meta.get("label")
     return int(value) if isinstance(value, int) else -1
 
 
@@ -179,10 +181,10 @@ def decode(batch: dict[str, np.ndarray], *, channels: int, policy: BadInputPolic
     images_col = batch.get(IMAGE_FIELD, np.full(n, None, dtype=object))
     json_col = batch.get("json", np.full(n, None, dtype=object))
     images: list[np.ndarray] = []
-    out_index, out_key, out_shard, out_label = [], [], [], []
+    out_index, out_key, out_shard, out_label, out_source = [], [], [], [], []
     bad: list[BadSample] = []
     for i in range(n):
-        data, meta = _as_bytes(images_col[i]), _as_bytes(json_col[i])
+        data, meta = _as_bytes(images_col[i]), _parse_meta(_as_bytes(json_col[i]))
         if data is None:
             bad.append(BadSample(shards[i], keys[i], "non_image_member"))
             continue
@@ -201,6 +203,7 @@ def decode(batch: dict[str, np.ndarray], *, channels: int, policy: BadInputPolic
         out_key.append(keys[i])
         out_shard.append(shards[i])
         out_label.append(_label(meta))
+        out_source.append(str(meta.get("source", "")))
     if counter is not None and ray.get(counter.record.remote(len(images), bad)):
         report = ray.get(counter.report.remote())  # a BadInputReport
         raise BadInputError(f"too much bad input: {report.summary()}. First: {report.examples}. Fix or "
@@ -217,4 +220,5 @@ def decode(batch: dict[str, np.ndarray], *, channels: int, policy: BadInputPolic
         "key": np.asarray(out_key, dtype=object),
         "shard": np.asarray(out_shard, dtype=object),
         "label": np.asarray(out_label, dtype=np.int64),
+        "source": np.asarray(out_source, dtype=object),
     }

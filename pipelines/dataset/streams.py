@@ -76,7 +76,7 @@ ROWS_PER_BLOCK = 1024
 """Read output is split into blocks of about this many rows, so that decode + augment run as many small
 tasks (the first batch arrives after ~1,000 images, not after a whole 10,000-image shard)."""
 TRAIN_COLUMNS = ("view1", "view2", "sample_index")
-EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label")
+EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label", "source")
 DECODED_COLUMNS = ("canvas", "height", "width", "sample_index")
 
 __all__ = [
@@ -136,10 +136,11 @@ def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int,
 
 
 def eval_transform(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
-    """Stage ``eval_transform``: ``image`` -> deterministic uint8 C x S x S; ids, key, shard, label kept."""
+    """Stage ``eval_transform``: ``image`` -> deterministic uint8 C x S x S; ids, key, shard, label and source
+    (the image's original path or URI, from the shard's json) kept."""
     transform = _eval_transform(cfg_json)
     images = list(batch["image"])
-    out = {name: np.asarray(batch[name]) for name in ("sample_index", "key", "shard", "label")}
+    out = {name: np.asarray(batch[name]) for name in EVAL_COLUMNS[1:]}
     out["image"] = eval_batch(transform, images) if images else _empty_views(transform.cfg)
     return out
 

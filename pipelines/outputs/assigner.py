@@ -32,11 +32,13 @@ class Assigner:
 
     The model is loaded once per actor, from the checkpoint's location (downloaded when remote), so
     only a small picklable reference travels to the actors, not the weights. The ``source`` of each row
-    comes from the batch when the stream carries a ``source`` column, else from ``sources``.
+    comes from the batch's ``source`` column (the evaluation stream carries it from the shard's json), else
+    from ``sources`` (a caller with batches of its own, e.g. the plain-loop benchmark).
     """
 
     def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
-                 use_gpu: bool = False, torch_threads: int = 1, sources: Any = None, progress: Any = None) -> None:
+                 use_gpu: bool = False, torch_threads: int = 1, sources: SourceLookup | None = None,
+                 progress: Any = None) -> None:
         """Load the method of ``checkpoint`` onto this actor's device.
 
         Args:
@@ -45,8 +47,7 @@ class Assigner:
             with_embeddings: Also write the embedding column.
             use_gpu: Run the model on this actor's GPU.
             torch_threads: CPU threads of torch (without a GPU).
-            sources: The dataset's ``SourceLookup``, or a Ray ``ObjectRef`` to one (read from the object store
-                once per actor, without a copy on the node that holds it).
+            sources: The dataset's ``SourceLookup``, for batches without a ``source`` column.
             progress: A ``pipelines.outputs.progress.ProgressCounter`` to add each batch's rows to, or None.
         """
         if use_gpu and not torch.cuda.is_available():
@@ -65,11 +66,7 @@ class Assigner:
         dim = embedding_dim(self.method, exp) if with_embeddings else None
         self.schema = assignment_schema(self.num_heads, dim)
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
-        if sources is not None and not isinstance(sources, SourceLookup):
-            import ray
-
-            sources = ray.get(sources)
-        self.sources: SourceLookup | None = sources
+        self.sources = sources
         self.progress = progress
 
     def _sources(self, batch: dict[str, np.ndarray]) -> pa.Array:

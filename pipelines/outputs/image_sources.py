@@ -1,14 +1,14 @@
 """Each image's source (its original path or URI) by ``sample_index``, read from the dataset's manifest.
 
-Inference writes it into the ``source`` column of every assignment row; ``read_assignments`` fills that
-column for outputs written before it existed (schema version 1).
+Inference takes each row's ``source`` from the stream (the shard's ``<key>.json``); this lookup names the
+sources of bad images in inference's error message, fills the column for outputs written before it existed
+(schema version 1, ``read_assignments``) and serves callers with batches of their own (the plain-loop
+benchmark).
 
 Why from the manifest: ingest records the source of every sample once, in ``manifest.parquet`` (the same
 string as in the shard's ``<key>.json``), and ``sample_index`` is dense, so row ``i`` of the sorted
 manifest is sample ``i`` and the lookup is an array index. The lookup keeps the strings as two numpy
-arrays (int64 offsets, UTF-8 bytes): ``ray.put`` stores it once per node and the Assigner actors of that
-node read the same memory (Ray hands numpy arrays out of its object store without copying them), so the
-cost is one copy of the column per node, not one per actor.
+arrays (int64 offsets, UTF-8 bytes).
 """
 
 from __future__ import annotations

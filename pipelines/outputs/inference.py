@@ -6,8 +6,7 @@ Pipeline (Ray Data, streaming)::
     shards (tar) --read + decode + evaluation transform (CPU tasks, pipelines.dataset.streams)--> uint8 C x S x S
       --> Assigner actors (pipelines.outputs.assigner; map_batches with an ActorPoolStrategy of N actors, model
           loaded once per actor;
-          one GPU each when there are GPUs; each row's source looked up by sample_index in the manifest,
-          shared through the object store, pipelines.outputs.image_sources)
+          one GPU each when there are GPUs; each row's source comes from the shard's json through the stream)
       --> write_parquet into runs/<run_id>/_staging/<name>/<attempt>/ (outside the published prefix); a
           progress line (done/total, images/s, time left) every 10 s (pipelines.outputs.progress)
       --> verify (ids unique and in range; skipped bad images within the policy's budget)
@@ -156,8 +155,7 @@ def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[
 
 
 def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: CheckpointRef, run_id: str,
-                       options: InferenceOptions, use_gpu: bool, concurrency: int, sources: Any,
-                       progress: Any = None) -> None:
+                       options: InferenceOptions, use_gpu: bool, concurrency: int, progress: Any = None) -> None:
     """Run ``concurrency`` Assigner actors over the evaluation stream ``ds``; write their rows under ``staging_rel``."""
     import ray.data
 
@@ -165,7 +163,7 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
         Assigner,
         fn_constructor_kwargs={
             "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
-            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)), "sources": sources,
+            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
             "progress": progress,
         },
         batch_size=options.batch_size,
@@ -253,7 +251,6 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     attempt = new_attempt()
     remove_stale_staging(storage, out_rel)
     staging_rel = staging_dir(out_rel, attempt)
-    sources = load_source_lookup(storage, info)
     if not ray.is_initialized():
         ray.init()
     use_gpu, concurrency = _resources(options)
@@ -268,8 +265,7 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     try:
         ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards)
         with inference_progress(f"inference of run {run_id}", expected) as progress:
-            _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, ray.put(sources),
-                               progress)
+            _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, progress)
         seconds = time.monotonic() - start
         rows = verify_staged(storage, staging_rel, info.num_samples)
         # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
@@ -281,7 +277,7 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         report = cast(BadInputReport, ray.get(counter.report.remote()))
         if not report.over_limit:
             raise
-        failure = too_much_bad_input(report, sources, info, run_id, options.max_bad_fraction)
+        failure = too_much_bad_input(report, load_source_lookup(storage, info), info, run_id, options.max_bad_fraction)
     if failure is not None:
         # Ray Data keeps a failed execution's actors in a reference cycle (with the task's traceback): collect
         # it now, so that they give their CPUs back to a driver that goes on (a reclustering tick, a notebook).
