@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from pipelines.training.memory import (
     as_ids,
     as_labels,
     combine_stats,
+    resolve_label_fetch,
     route,
     shard_ranges,
 )
@@ -44,6 +46,12 @@ DEFAULT_FLUSH_EVERY = 4096
 
 MAX_PENDING_WRITES = 16
 """Unfinished write calls a client allows before it waits (bounds its object-store use)."""
+
+DEFAULT_PAGE_IDS = 1 << 16
+"""Ids per page of a paged lookup (128 KiB per int16 head): several shards of ingest's 10,000 images."""
+
+DEFAULT_MAX_PAGES = 64
+"""Pages a client keeps (least recently used first out): 4.2M ids, 8 MiB per int16 head."""
 
 
 class ClusterCoordinator:
@@ -68,6 +76,15 @@ class ClusterCoordinator:
     def is_restored(self) -> bool:
         """False after a Ray restart until ``load_state_dict`` or ``reset``."""
         return self._memory.restored
+
+    def current_epoch(self) -> int:
+        """The epoch being written (``CoordinatorNotRestoredError`` while the state is lost)."""
+        self._memory.check_restored()
+        return self._memory.epoch
+
+    def published_range(self, lo: int, hi: int, epoch: int | None) -> np.ndarray:
+        """See ``AssignmentMemory.published_range``: one page of the previous epoch's labels."""
+        return self._memory.published_range(lo, hi, epoch)
 
     def publish(self) -> tuple[int, ray.ObjectRef]:
         """(epoch, ref to the previous epoch's labels [H, N]); ``ray.put`` at most once per epoch."""
@@ -123,8 +140,9 @@ class CoordinatorClient:
     """Handle on the coordinator shards for the driver and the training workers (picklable).
 
     Driver: ``create`` before ``trainer.fit()`` and pass the client in ``train_loop_config``.
-    Worker, per epoch e: ``begin_epoch(e)`` once, then per step ``labels_for(ids)`` (local lookup, no
-    actor call) and ``write_async(ids, labels, e)``; ``flush()`` at the epoch end. One rank, after
+    Worker, per epoch e: ``begin_epoch(e)`` once, then per step ``labels_for(ids)`` (a local lookup; with
+    ``label_fetch`` ``pages`` an actor call only when the ids enter a page not cached yet) and
+    ``write_async(ids, labels, e)``; ``flush()`` at the epoch end. One rank, after
     every rank flushed: ``end_epoch(counters, duals, epoch=e)``, then ``state_dict()`` into the checkpoint.
     On a (re)start, rank 0 calls ``load_state_dict(state from the checkpoint)`` or ``reset()`` (no
     checkpoint yet) before any rank begins the epoch. Pickling keeps the actor handles and drops the
@@ -137,16 +155,25 @@ class CoordinatorClient:
         ranges: Sequence[tuple[int, int]],
         ks: Sequence[int],
         flush_every: int = DEFAULT_FLUSH_EVERY,
+        *,
+        label_fetch: str = "auto",
+        page_ids: int = DEFAULT_PAGE_IDS,
+        max_pages: int = DEFAULT_MAX_PAGES,
     ) -> None:
         """Wraps existing shard actors (one per id range); most callers use ``create``."""
         if len(handles) != len(ranges):
             raise ValueError(f"{len(handles)} actor handles for {len(ranges)} id ranges")
         if flush_every < 1:
             raise ValueError(f"flush_every={flush_every} must be >= 1")
+        if page_ids < 1 or max_pages < 1:
+            raise ValueError(f"page_ids={page_ids} and max_pages={max_pages} must be >= 1")
         self._handles = list(handles)
         self._ranges = [(int(lo), int(hi)) for lo, hi in ranges]
         self._ks = validate_ks(ks)
         self._flush_every = int(flush_every)
+        self._fetch = resolve_label_fetch(label_fetch, self._ranges[-1][1], self._ks)
+        self._page_ids = int(page_ids)
+        self._max_pages = int(max_pages)
         self._reset_local()
 
     def _reset_local(self) -> None:
@@ -158,15 +185,22 @@ class CoordinatorClient:
         self._written_rows = 0
         self._published_epoch: int | None = None
         self._published: list[np.ndarray] = []
+        self._pages: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.page_fetches = 0
+        """Pages this client fetched since it was made or unpickled (``label_fetch`` ``pages``)."""
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"handles": self._handles, "ranges": self._ranges, "ks": self._ks, "flush": self._flush_every}
+        return {"handles": self._handles, "ranges": self._ranges, "ks": self._ks, "flush": self._flush_every,
+                "fetch": self._fetch, "page_ids": self._page_ids, "max_pages": self._max_pages}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._handles = state["handles"]
         self._ranges = state["ranges"]
         self._ks = state["ks"]
         self._flush_every = state["flush"]
+        self._fetch = state["fetch"]
+        self._page_ids = state["page_ids"]
+        self._max_pages = state["max_pages"]
         self._reset_local()
 
     @classmethod
@@ -179,6 +213,9 @@ class CoordinatorClient:
         true_labels: np.ndarray | None = None,
         *,
         flush_every: int = DEFAULT_FLUSH_EVERY,
+        label_fetch: str = "auto",
+        page_ids: int = DEFAULT_PAGE_IDS,
+        max_pages: int = DEFAULT_MAX_PAGES,
     ) -> CoordinatorClient:
         """Creates the shard actors ``secu-coord-<run_id>-<i>`` (driver side; Ray must be initialised).
 
@@ -189,12 +226,16 @@ class CoordinatorClient:
             num_shards: shard actors, each owning a contiguous id range.
             true_labels: optional class of every id (< 0 unknown) for ACC/NMI/ARI in the epoch stats.
             flush_every: rows a client buffers before sending a write.
+            label_fetch: ``auto``, ``all`` or ``pages`` (``LABEL_FETCH_MODES``).
+            page_ids: ids per page of a paged lookup.
+            max_pages: pages each client caches.
 
         Raises:
             ValueError: bad arguments, or actors of this run id exist already in the Ray namespace
                 (deliberately no ``get_if_exists``: a leftover coordinator holds another attempt's state).
         """
         ks = validate_ks(ks)
+        resolve_label_fetch(label_fetch, num_samples, ks)  # refuse a bad mode before creating actors
         ranges = shard_ranges(num_samples, num_shards)
         truth_N = None
         if true_labels is not None:
@@ -225,7 +266,8 @@ class CoordinatorClient:
             ).remote(lo, hi, ks, args[i])
             for i, (lo, hi) in enumerate(ranges)
         ]
-        client = cls(handles, ranges, ks, flush_every)
+        client = cls(handles, ranges, ks, flush_every, label_fetch=label_fetch, page_ids=page_ids,
+                     max_pages=max_pages)
         client._pinned_args = pinned
         return client
 
@@ -238,6 +280,11 @@ class CoordinatorClient:
     def ranges(self) -> list[tuple[int, int]]:
         """The id range of each shard."""
         return list(self._ranges)
+
+    @property
+    def label_fetch(self) -> str:
+        """``all`` or ``pages``: how this client reads the previous epoch's labels (``auto`` resolved)."""
+        return self._fetch
 
     @property
     def handles(self) -> list[Any]:
@@ -256,8 +303,10 @@ class CoordinatorClient:
         return list(ray.get([h.publish.remote() for h in self._handles]))
 
     def begin_epoch(self, epoch: int, timeout_s: float = 120.0) -> None:
-        """Fetches every shard's previous-epoch labels once (zero-copy, read-only) for ``labels_for``.
+        """Makes the previous epoch's labels readable by ``labels_for``.
 
+        ``label_fetch`` ``all``: fetches every shard's labels once (zero-copy on a node, read-only);
+        ``pages``: checks the shards' epoch and empties the page cache (pages are fetched on first use).
         Waits up to ``timeout_s`` for shards still at an earlier epoch: a rank may get here before the
         rank that calls ``end_epoch`` has closed the previous epoch.
 
@@ -266,8 +315,11 @@ class CoordinatorClient:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            published = self._publish()
-            epochs = sorted({e for e, _ in published})
+            if self._fetch == "all":
+                published = self._publish()
+                epochs = sorted({e for e, _ in published})
+            else:
+                epochs = sorted(set(ray.get([h.current_epoch.remote() for h in self._handles])))
             if epochs == [epoch]:
                 break
             if epochs[-1] > epoch or time.monotonic() > deadline:
@@ -276,7 +328,8 @@ class CoordinatorClient:
                     f"(waited {timeout_s} s for end_epoch of the previous epoch)"
                 )
             time.sleep(0.05)
-        self._published = list(ray.get([ref for _, ref in published]))
+        self._pages.clear()
+        self._published = list(ray.get([ref for _, ref in published])) if self._fetch == "all" else []
         self._published_epoch = epoch
 
     def labels_for(self, sample_index_B: np.ndarray) -> np.ndarray:
@@ -284,10 +337,52 @@ class CoordinatorClient:
         if self._published_epoch is None:
             raise ValueError("labels_for before begin_epoch: call begin_epoch(epoch) at every epoch start")
         ids_B = as_ids(sample_index_B)
+        if self._fetch == "pages":
+            return self._labels_from_pages(ids_B)
         out_HB = np.empty((len(self._ks), ids_B.size), dtype=np.int64)
         for (lo, _), prev_HN, pos in zip(self._ranges, self._published, route(ids_B, self._ranges), strict=True):
             out_HB[:, pos] = prev_HN[:, ids_B[pos] - lo]
         return out_HB
+
+    def _labels_from_pages(self, ids_B: np.ndarray) -> np.ndarray:
+        lo, hi = self._ranges[0][0], self._ranges[-1][1]
+        if ids_B.size and (ids_B.min() < lo or ids_B.max() >= hi):
+            raise ValueError(f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{lo}, {hi})")
+        page_B = ids_B // self._page_ids
+        pages = np.unique(page_B)
+        missing = [int(p) for p in pages if int(p) not in self._pages]
+        if missing:
+            self._fetch_pages(missing)
+        out_HB = np.empty((len(self._ks), ids_B.size), dtype=np.int64)
+        for page in pages.tolist():
+            labels_HP = self._pages[page]
+            self._pages.move_to_end(page)
+            if pages.size == 1:
+                out_HB[:] = labels_HP[:, ids_B - page * self._page_ids]
+            else:
+                pos = np.flatnonzero(page_B == page)
+                out_HB[:, pos] = labels_HP[:, ids_B[pos] - page * self._page_ids]
+        while len(self._pages) > self._max_pages:  # after the lookup: this batch's pages stay
+            self._pages.popitem(last=False)
+        return out_HB
+
+    def _fetch_pages(self, pages: list[int]) -> None:
+        """Fetches pages from the shards that own them, in one round trip (a page may span two shards)."""
+        total = self._ranges[-1][1]
+        requests: list[tuple[int, ray.ObjectRef]] = []
+        for page in pages:
+            lo, hi = page * self._page_ids, min((page + 1) * self._page_ids, total)
+            for handle, (a, b) in zip(self._handles, self._ranges, strict=True):
+                if a < hi and lo < b:
+                    requests.append((page, handle.published_range.remote(max(a, lo), min(b, hi),
+                                                                          self._published_epoch)))
+        parts = ray.get([ref for _, ref in requests])
+        by_page: dict[int, list[np.ndarray]] = {}
+        for (page, _), part in zip(requests, parts, strict=True):
+            by_page.setdefault(page, []).append(part)
+        for page, pieces in by_page.items():
+            self._pages[page] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+        self.page_fetches += len(pages)
 
     def write_async(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> None:
         """Buffers new labels; sends them without waiting once ``flush_every`` rows are buffered."""
@@ -390,3 +485,4 @@ class CoordinatorClient:
         """Kills the shard actors for good (driver, at the end of the run)."""
         for handle in self._handles:
             ray.kill(handle, no_restart=True)
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.tracking.config import TrackingConfig
+from pipelines.training.memory import LABEL_FETCH_MODES
 from secu.config import ExperimentConfig
 from secu.overrides import apply_overrides, merge
 from secu.recipes import recipe
@@ -41,6 +42,10 @@ class ComputeConfig:
     """Checkpoints kept on storage."""
     coordinator_shards: int = 1
     """Assignment-memory shards (actors), split by sample_index range."""
+    label_fetch: str = "auto"
+    """How workers read the previous epoch's labels: 'all' (every label once per epoch, zero-copy on a
+    node), 'pages' (only the pages of ids a worker reads, 65,536 ids each, on first use, 64 cached),
+    'auto' (all up to 256 MiB of labels, pages above: from 13.4M ids x 10 int16 heads or 134M x 1)."""
     log_every: int = 50
     """Log a progress line every this many steps (rank 0)."""
     max_bad_fraction: float = 0.01
@@ -60,6 +65,8 @@ class ComputeConfig:
             raise ValueError("compute.max_failures must be >= 0, or -1 for unlimited")
         if self.checkpoint_every < 1 or self.num_to_keep < 1 or self.coordinator_shards < 1:
             raise ValueError("compute.checkpoint_every, num_to_keep and coordinator_shards must be >= 1")
+        if self.label_fetch not in LABEL_FETCH_MODES:
+            raise ValueError(f"compute.label_fetch={self.label_fetch!r}: use one of {', '.join(LABEL_FETCH_MODES)}")
         if self.fault_injection and not re.match(r"^(worker|coordinator):\d+:\d+(,(worker|coordinator):\d+:\d+)*$",
                                                  self.fault_injection):
             raise ValueError(

@@ -29,6 +29,14 @@ import numpy as np
 
 from pipelines.training.coordinator_state import ShardState, label_dtype, per_head, validate_ks
 
+LABEL_FETCH_MODES = ("auto", "all", "pages")
+"""How a worker gets the previous epoch's labels: ``all`` fetches every shard's labels [H, N] once per
+epoch (zero-copy on a node, then local lookups); ``pages`` fetches only the pages of ids the worker reads,
+on first use, into a bounded cache; ``auto`` is ``all`` up to ``ALL_LABELS_MAX_BYTES``, ``pages`` above."""
+
+ALL_LABELS_MAX_BYTES = 256 << 20
+"""``auto`` fetches all labels when they take at most this (N = 134M ids x 1 int16 head, 13.4M x 10)."""
+
 
 class CoordinatorNotRestoredError(RuntimeError):
     """A coordinator shard was restarted by Ray and has not been given its state back yet."""
@@ -223,6 +231,19 @@ class AssignmentMemory:
         self.check_restored()
         return self.prev_HN
 
+    def published_range(self, lo: int, hi: int, epoch: int | None = None) -> np.ndarray:
+        """The previous epoch's labels [H, hi - lo] of the ids [lo, hi) (a copy), for a paged lookup.
+
+        Raises:
+            StaleEpochError: ``epoch`` is given and is not the current epoch.
+            ValueError: [lo, hi) is empty or not inside this memory's range.
+        """
+        self.check_restored()
+        self._check_epoch(epoch, "labels of a page")
+        if not self.lo <= lo < hi <= self.hi:
+            raise ValueError(f"page [{lo}, {hi}) is not a non-empty part of ids [{self.lo}, {self.hi})")
+        return np.ascontiguousarray(self.prev_HN[:, lo - self.lo:hi - self.lo])
+
     def adopt_published(self, prev_HN: np.ndarray) -> None:
         """Replaces ``prev`` by an equal array (its zero-copy object-store view) to free the heap copy."""
         assert prev_HN.shape == self.prev_HN.shape and prev_HN.dtype == self.dtype
@@ -387,3 +408,13 @@ def route(sample_index_B: np.ndarray, ranges: Sequence[tuple[int, int]]) -> list
     starts = np.asarray([lo for lo, _ in ranges], dtype=np.int64)
     shard_B = np.searchsorted(starts, ids_B, side="right") - 1
     return [np.flatnonzero(shard_B == s) for s in range(len(ranges))]
+
+
+def resolve_label_fetch(mode: str, num_samples: int, ks: Sequence[int]) -> str:
+    """``all`` or ``pages`` for a ``label_fetch`` mode (``auto`` by the size of all labels)."""
+    if mode not in LABEL_FETCH_MODES:
+        raise ValueError(f"label_fetch={mode!r}: use one of {', '.join(LABEL_FETCH_MODES)}")
+    if mode != "auto":
+        return mode
+    size = num_samples * len(ks) * np.dtype(label_dtype(list(ks))).itemsize
+    return "all" if size <= ALL_LABELS_MAX_BYTES else "pages"

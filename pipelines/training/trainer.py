@@ -116,7 +116,7 @@ def _fit(job: TrainJobConfig, storage: Storage, info: DatasetInfo, init_from: st
     datasets = _datasets(job, storage, policy, bad_input_counter)
     coordinator = CoordinatorClient.create(
         run_id=job.run_id, num_samples=info.num_samples, ks=list(job.experiment.secu.ks),
-        num_shards=job.compute.coordinator_shards, true_labels=true_labels,
+        num_shards=job.compute.coordinator_shards, true_labels=true_labels, label_fetch=job.compute.label_fetch,
     )
     fs, run_path = storage.pyarrow_fs_and_path(storage.join("runs", job.run_id))
     trainer = TorchTrainer(

@@ -50,12 +50,19 @@ def run_epoch_plain(memory: AssignmentMemory, per_rank: list[list[Batch]], epoch
         memory.write(ids, labels, epoch)
 
 
+# Pages of 37 ids, 3 cached: a page straddles the two shards of a 2-shard run, and batches of random ids
+# evict pages all the time.
+FETCHES = [{"label_fetch": "all"}, {"label_fetch": "pages", "page_ids": 37, "max_pages": 3}]
+
+
 @pytest.mark.ray
-def test_two_ranks_through_the_actor_equal_the_plain_class(make_client: Any) -> None:
+@pytest.mark.parametrize("fetch", FETCHES, ids=["all", "pages"])
+def test_two_ranks_through_the_actor_equal_the_plain_class(make_client: Any, fetch: dict[str, Any]) -> None:
     rng = np.random.default_rng(3)
     n, ks = 500, [5, 9]
     truth = rng.integers(0, 5, n)
-    driver = make_client(n, ks, true_labels=truth, flush_every=100)
+    driver = make_client(n, ks, true_labels=truth, flush_every=100, **fetch)
+    assert driver.label_fetch == fetch["label_fetch"]
     ranks = [pickle.loads(pickle.dumps(driver)) for _ in range(2)]  # as sent in train_loop_config
     plain = AssignmentMemory(0, n, ks)
     for epoch in range(3):
@@ -89,8 +96,9 @@ def _remote_rank(client: CoordinatorClient, epoch: int, ids: np.ndarray, labels:
 
 
 @pytest.mark.ray
-def test_a_rank_in_another_process_reads_and_writes(make_client: Any) -> None:
-    client = make_client(20, [3], num_shards=2, flush_every=4)
+@pytest.mark.parametrize("fetch", FETCHES, ids=["all", "pages"])
+def test_a_rank_in_another_process_reads_and_writes(make_client: Any, fetch: dict[str, Any]) -> None:
+    client = make_client(20, [3], num_shards=2, flush_every=4, **{**fetch, "page_ids": 3})
     ids, labels = np.arange(20)[::-1].copy(), (np.arange(20) % 3)[None, :]
     seen = ray.get(_remote_rank.remote(client, 0, ids, labels))
     assert (seen == -1).all()
@@ -136,6 +144,39 @@ def test_publish_once_per_epoch_and_the_swap(make_client: Any) -> None:
 
 
 @pytest.mark.ray
+def test_pages_fetch_only_what_a_worker_reads_once_per_epoch_and_stay_bounded(make_client: Any) -> None:
+    n, ks, page = 1000, [4, 7], 64
+    client = make_client(n, ks, num_shards=3, flush_every=50, label_fetch="pages", page_ids=page, max_pages=4)
+    labels = np.stack([np.arange(n) % k for k in ks])
+    client.write_async(np.arange(n), labels, 0)
+    client.flush()
+    client.end_epoch(epoch=0)
+    worker = pickle.loads(pickle.dumps(client))
+    assert worker.label_fetch == "pages" and worker.page_fetches == 0
+    worker.begin_epoch(1)
+    # A worker that reads two shards' worth of ids, [100, 300) then [700, 800), in batches of 16 (the
+    # order a shard is read in): each page it touches is fetched once, the others never.
+    read = np.concatenate([np.arange(100, 300), np.arange(700, 800)])
+    for start in range(0, read.size, 16):
+        ids = read[start:start + 16]
+        np.testing.assert_array_equal(worker.labels_for(ids), labels[:, ids])
+    touched = np.unique(read // page)
+    assert worker.page_fetches == touched.size == 7  # pages 1-4 and 10-12 of 16
+    assert len(worker._pages) == 4, "the cache keeps at most max_pages"
+    # After the next epoch closes, the cache of the old epoch is not served: the new labels are read.
+    new_labels = (labels + 1) % np.asarray(ks)[:, None]
+    worker.write_async(np.arange(n), new_labels, 1)
+    worker.flush()
+    client.end_epoch(epoch=1)
+    with pytest.raises(StaleEpochError):  # a page a stale reader of epoch 1 lacks: refused, not epoch 2's
+        worker.labels_for(np.array([0]))
+    worker.begin_epoch(2)
+    np.testing.assert_array_equal(worker.labels_for(read[-16:]), new_labels[:, read[-16:]])
+    with pytest.raises(ValueError, match="out of range"):
+        worker.labels_for(np.array([n]))
+
+
+@pytest.mark.ray
 def test_two_shards_equal_one_shard(make_client: Any) -> None:
     rng = np.random.default_rng(4)
     n, ks = 301, [6, 11]
@@ -162,10 +203,11 @@ def test_two_shards_equal_one_shard(make_client: Any) -> None:
 
 
 @pytest.mark.ray
-def test_a_killed_shard_comes_back_only_through_the_checkpoint(make_client: Any) -> None:
+@pytest.mark.parametrize("fetch", FETCHES, ids=["all", "pages"])
+def test_a_killed_shard_comes_back_only_through_the_checkpoint(make_client: Any, fetch: dict[str, Any]) -> None:
     rng = np.random.default_rng(5)
     n, ks = 200, [4, 6]
-    client = make_client(n, ks, num_shards=2, flush_every=40)
+    client = make_client(n, ks, num_shards=2, flush_every=40, **fetch)
     plain = AssignmentMemory(0, n, ks)  # the same run without the failure
     epochs = [rank_batches(rng, n, ks, world=2, batch=16) for _ in range(3)]
     for epoch in range(2):

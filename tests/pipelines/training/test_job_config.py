@@ -31,3 +31,10 @@ def test_progress_line_states_rate_and_time_left() -> None:
     # Before the first epoch ends the run's pace is this epoch's: 100 s an epoch, 4 more epochs.
     assert progress_line(0, 5, 50, 200, 256, 25.0, None).endswith("run left 7m55s")
     assert progress_line(0, 500, 1, 1000, 2, 1.0, None).endswith("run left 138h53m")
+
+
+def test_label_fetch_is_checked_before_any_work() -> None:
+    job = TrainJobConfig.from_dict({"recipe": "fashion-mnist-cpu", "compute": {"label_fetch": "pages"}})
+    assert job.compute.label_fetch == "pages"
+    with pytest.raises(ValueError, match="compute.label_fetch='paged': use one of auto, all, pages"):
+        TrainJobConfig.from_dict({"recipe": "fashion-mnist-cpu", "compute": {"label_fetch": "paged"}})

@@ -14,6 +14,7 @@ from pipelines.training.memory import (
     StaleEpochError,
     combine_stats,
     label_dtype,
+    resolve_label_fetch,
     route,
     shard_ranges,
 )
@@ -280,3 +281,28 @@ def test_sharded_stats_equal_unsharded(ks: list[int]) -> None:
         np.testing.assert_array_equal(sum(s.recount(h) for s in shards), whole.recount(h))
     with pytest.raises(StaleEpochError):
         combine_stats([parts[0], AssignmentMemory(0, 5, ks).sufficient_stats()], ks)
+
+
+def test_auto_label_fetch_takes_pages_only_above_256_mib_of_labels() -> None:
+    assert resolve_label_fetch("auto", 60_000, [10]) == "all"  # Fashion-MNIST, 120 kB
+    assert resolve_label_fetch("auto", 1_281_167, [1000] * 10) == "all"  # ImageNet, 10 heads: 26 MB
+    assert resolve_label_fetch("auto", 134_217_728, [10]) == "all"  # exactly 256 MiB of int16
+    assert resolve_label_fetch("auto", 134_217_729, [10]) == "pages"
+    assert resolve_label_fetch("auto", 67_108_865, [40_000]) == "pages"  # int32 labels: half the ids
+    assert resolve_label_fetch("all", 10**9, [10]) == "all" and resolve_label_fetch("pages", 10, [2]) == "pages"
+    with pytest.raises(ValueError, match="label_fetch='page'.*auto, all, pages"):
+        resolve_label_fetch("page", 10, [2])
+
+
+def test_a_page_is_a_copy_of_the_previous_labels_of_its_ids() -> None:
+    memory = AssignmentMemory(100, 200, [3, 5])
+    memory.write(np.arange(100, 200), np.stack([np.arange(100) % 3, np.arange(100) % 5]), 0)
+    memory.commit_epoch(None, None, epoch=0)
+    page = memory.published_range(150, 160, epoch=1)
+    np.testing.assert_array_equal(page, [np.arange(50, 60) % 3, np.arange(50, 60) % 5])
+    assert page.flags.c_contiguous and not np.shares_memory(page, memory.prev_HN)
+    with pytest.raises(StaleEpochError):
+        memory.published_range(150, 160, epoch=0)
+    for lo, hi in [(90, 110), (150, 150), (190, 201)]:
+        with pytest.raises(ValueError, match="not a non-empty part"):
+            memory.published_range(lo, hi)

@@ -57,9 +57,11 @@ def history(storage: Storage, run_id: str) -> list[dict[str, float]]:
 
 def test_worker_and_coordinator_killed_mid_run_recover(storage: Storage) -> None:
     """A worker dies in epoch 1 and a coordinator shard in epoch 2; the run completes from the last
-    checkpoints, and the entropy counters equal a recount of the memory (nothing counted twice or lost)."""
+    checkpoints, and the entropy counters equal a recount of the memory (nothing counted twice or lost).
+    The workers read labels by pages (the mode of collections over 256 MiB of labels)."""
     job = make_job("faults", "optim.epochs=4", "secu.constraint=entropy", "secu.alpha=50",
-                   "compute.fault_injection=worker:1:2,coordinator:2:3", "compute.coordinator_shards=2")
+                   "compute.fault_injection=worker:1:2,coordinator:2:3", "compute.coordinator_shards=2",
+                   "compute.label_fetch=pages")
     outcome = run_training(job, storage)
     assert outcome.epochs_run == 4
     for marker in ("_fault_worker_1_2_fired", "_fault_coordinator_2_3_fired"):
