@@ -287,6 +287,11 @@ class CoordinatorClient:
         return self._fetch
 
     @property
+    def cached_label_bytes(self) -> int:
+        """Bytes of labels this client holds: its cached pages, or every shard's labels (``all``)."""
+        return sum(a.nbytes for a in self._pages.values()) + sum(a.nbytes for a in self._published)
+
+    @property
     def handles(self) -> list[Any]:
         """The shard actor handles (for failure handling and tests)."""
         return list(self._handles)

@@ -38,6 +38,10 @@ ALL_LABELS_MAX_BYTES = 256 << 20
 """``auto`` fetches all labels when they take at most this (N = 134M ids x 1 int16 head, 13.4M x 10)."""
 
 
+STATS_CHUNK_IDS = 1 << 22
+"""Ids per chunk of the epoch statistics and recounts (bounds their temporaries to ~50 MB per head)."""
+
+
 class CoordinatorNotRestoredError(RuntimeError):
     """A coordinator shard was restarted by Ray and has not been given its state back yet."""
 
@@ -307,18 +311,25 @@ class AssignmentMemory:
                     f"[{self.lo}, {self.hi}); got {truth_N.shape} {truth_N.dtype}"
                 )
             num_classes = max(int(truth_N.max()) + 1, 0)
-        sizes, had_prev, changed, tables = [], [], [], []
-        for h, k in enumerate(self.ks):
-            next_N, prev_N = self.next_HN[h], self.prev_HN[h]
-            labelled_N = next_N >= 0
-            sizes.append(np.bincount(next_N[labelled_N], minlength=k).astype(np.int64))
-            had_prev_N = prev_N >= 0
-            had_prev.append(int(np.count_nonzero(had_prev_N)))
-            changed.append(int(np.count_nonzero(had_prev_N & (next_N != prev_N))))
-            if truth_N is not None:
-                both_N = labelled_N & (truth_N >= 0)
-                cell_M = next_N[both_N].astype(np.int64) * num_classes + truth_N[both_N]
-                tables.append(np.bincount(cell_M, minlength=k * num_classes).reshape(k, num_classes))
+        sizes = [np.zeros(k, dtype=np.int64) for k in self.ks]
+        tables = [np.zeros((k, num_classes), dtype=np.int64) for k in self.ks]
+        had_prev, changed = [0] * self.num_heads, [0] * self.num_heads
+        # In chunks of ids: whole-range temporaries (masks, bincount's int64 copy) would take 12 bytes
+        # per id and head, more than the memory itself (4.1 bytes) at N = 1B.
+        for a in range(0, self.num_samples, STATS_CHUNK_IDS):
+            b = min(a + STATS_CHUNK_IDS, self.num_samples)
+            for h, k in enumerate(self.ks):
+                next_C, prev_C = self.next_HN[h, a:b], self.prev_HN[h, a:b]
+                labelled_C = next_C >= 0
+                sizes[h] += np.bincount(next_C[labelled_C], minlength=k)
+                had_prev_C = prev_C >= 0
+                had_prev[h] += int(np.count_nonzero(had_prev_C))
+                changed[h] += int(np.count_nonzero(had_prev_C & (next_C != prev_C)))
+                if truth_N is not None:
+                    truth_C = truth_N[a:b]
+                    both_C = labelled_C & (truth_C >= 0)
+                    cell_M = next_C[both_C].astype(np.int64) * num_classes + truth_C[both_C]
+                    tables[h] += np.bincount(cell_M, minlength=k * num_classes).reshape(k, num_classes)
         return ShardStats(
             epoch=self.epoch,
             num_samples=self.num_samples,
@@ -353,8 +364,11 @@ class AssignmentMemory:
     def recount(self, head: int) -> np.ndarray:
         """Cluster sizes (int64 [K]) of the labels in ``prev`` for one head."""
         self.check_restored()
-        prev_N = self.prev_HN[head]
-        return np.bincount(prev_N[prev_N >= 0], minlength=self.ks[head]).astype(np.int64)
+        sizes_K = np.zeros(self.ks[head], dtype=np.int64)
+        for a in range(0, self.num_samples, STATS_CHUNK_IDS):
+            prev_C = self.prev_HN[head, a:a + STATS_CHUNK_IDS]
+            sizes_K += np.bincount(prev_C[prev_C >= 0], minlength=self.ks[head])
+        return sizes_K
 
     def state_dict(self) -> ShardState:
         """Everything needed to come back to the current epoch boundary (``next`` is not saved).

@@ -162,7 +162,7 @@ def test_pages_fetch_only_what_a_worker_reads_once_per_epoch_and_stay_bounded(ma
         np.testing.assert_array_equal(worker.labels_for(ids), labels[:, ids])
     touched = np.unique(read // page)
     assert worker.page_fetches == touched.size == 7  # pages 1-4 and 10-12 of 16
-    assert len(worker._pages) == 4, "the cache keeps at most max_pages"
+    assert worker.cached_label_bytes == 4 * page * 2 * 2, "the cache keeps at most max_pages (int16, 2 heads)"
     # After the next epoch closes, the cache of the old epoch is not served: the new labels are read.
     new_labels = (labels + 1) % np.asarray(ks)[:, None]
     worker.write_async(np.arange(n), new_labels, 1)

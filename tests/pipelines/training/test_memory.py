@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 
@@ -306,3 +307,24 @@ def test_a_page_is_a_copy_of_the_previous_labels_of_its_ids() -> None:
     for lo, hi in [(90, 110), (150, 150), (190, 201)]:
         with pytest.raises(ValueError, match="not a non-empty part"):
             memory.published_range(lo, hi)
+
+
+def test_statistics_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.training.memory as memory_module
+
+    rng = np.random.default_rng(11)
+    n, ks = 1000, [4, 9]
+    truth = rng.integers(-1, 6, n)
+    memory = AssignmentMemory(0, n, ks)
+    for epoch in range(2):  # epoch 1 compares with real previous labels; some rows stay unwritten
+        ids = rng.permutation(n)[:900]
+        memory.write(ids, np.stack([rng.integers(0, k, ids.size) for k in ks]), epoch)
+        one_pass = memory.sufficient_stats(truth, epoch=epoch)
+        recounts = [memory.recount(h) for h in range(len(ks))]
+        monkeypatch.setattr(memory_module, "STATS_CHUNK_IDS", 7)
+        chunked = memory.sufficient_stats(truth, epoch=epoch)
+        assert [memory.recount(h).tolist() for h in range(len(ks))] == [r.tolist() for r in recounts]
+        monkeypatch.setattr(memory_module, "STATS_CHUNK_IDS", 1 << 22)
+        assert_same(dataclasses.asdict(chunked), dataclasses.asdict(one_pass))
+        assert one_pass.contingency is not None and sum(t.sum() for t in one_pass.contingency) > 0
+        memory.commit_epoch(None, None, epoch=epoch)
