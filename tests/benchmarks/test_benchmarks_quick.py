@@ -97,6 +97,23 @@ def test_coordinator_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
+def test_labels_at_scale_quick(tmp_path: Path) -> None:
+    data = run_quick("labels_at_scale", tmp_path)
+    runs = data["measured"]
+    assert {name: r["label_fetch"] for name, r in runs.items()} == {"pages": "pages", "all": "all",
+                                                                    "pages_10_heads": "pages"}
+    n = data["config"]["num_samples"]
+    assert runs["all"]["worker_label_bytes_max"] == n * 2  # every label, int16
+    for name in ("pages", "pages_10_heads"):  # only the pages of the ids a worker read
+        run = runs[name]
+        assert 1 <= run["pages_fetched_per_worker_epoch"] <= 4
+        assert run["worker_label_bytes_max"] <= 4 * data["config"]["page_ids"] * 2 * run["heads"]
+    assert runs["pages"]["epochs"][-1]["workers"][0]["steps"] == data["config"]["steps"]
+    assert data["extrapolated"]["largest_n_per_shard"]["1_head"] > data["extrapolated"]["largest_n_per_shard"][
+        "10_heads"] > 0
+
+
+@pytest.mark.ray
 def test_data_pipeline_quick(tmp_path: Path) -> None:
     data = run_quick("data_pipeline", tmp_path)
     assert set(data["kinds"]) == {"fashion_mnist_png", "synthetic_jpeg"}
