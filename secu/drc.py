@@ -252,6 +252,21 @@ class DRCMethod(OneNetworkMethod[DRCNetwork]):
         labels_HB = torch.stack([af.detach().argmax(dim=1) for af in af1_HBK]).long()
         return StepOutput(labels_HB=labels_HB)
 
+    @torch.no_grad()
+    def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        """argmax AP of view 1 per head with the network in eval mode; no loss, no step."""
+        mean, std = self.exp.augment.mean, self.exp.augment.std
+        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
+        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
+        training = self.base.training
+        self.base.eval()
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                af1_HBK, _ = self.base(view1, view2)
+        finally:
+            self.base.train(training)
+        return StepOutput(labels_HB=torch.stack([af.argmax(dim=1) for af in af1_HBK]).long())
+
     def progress(self) -> str:
         """Mean loss terms so far in this epoch and the current learning rate."""
         n = max(self.steps, 1)

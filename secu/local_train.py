@@ -14,6 +14,7 @@ Legend: N = images, H = heads, K = clusters of one head, B = batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,17 +56,24 @@ class LocalRun:
         return self.method.state
 
 
+SHORT_BATCH_SEED_OFFSET = 1 << 40
+"""The short batch of epoch e is augmented with seed ``seed * 1_000_003 + SHORT_BATCH_SEED_OFFSET + e``."""
+
+
 def epoch_batches(images: np.ndarray, order: torch.Tensor, aug: BatchTwoViewAugment, batch: int, epoch: int,
                   seed: int, inputs: tuple[str, ...], transform: EvalTransform) -> Iterator[Batch]:
-    """The epoch's full batches in ``order``; the views of step t are augmented with seed ``seed * 1_000_003 + t``;
-    ``image`` (the evaluation transform) where the method's ``batch_inputs`` ask for it."""
+    """The epoch's batches in ``order``: the full ones, then the rest as one shorter batch, which the epoch
+    labels without training on it; the views of step t are augmented with seed ``seed * 1_000_003 + t``
+    (the short batch's with a seed of its own); ``image`` (the evaluation transform) where the method's
+    ``batch_inputs`` ask for it."""
     iters = len(order) // batch
-    for it in range(iters):
+    for it in range(math.ceil(len(order) / batch)):
         ids = order[it * batch:(it + 1) * batch]
         chosen = [images[i] for i in ids.tolist()]
         out: Batch = {"sample_index": ids}
         if "view1" in inputs or "view2" in inputs:
-            v1, v2 = aug(chosen, seed=seed * 1_000_003 + epoch * iters + it)
+            step_seed = seed * 1_000_003 + (epoch * iters + it if it < iters else SHORT_BATCH_SEED_OFFSET + epoch)
+            v1, v2 = aug(chosen, seed=step_seed)
             out |= {"view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2)}
         if "image" in inputs:
             out["image"] = torch.from_numpy(eval_batch(transform, chosen))

@@ -4,9 +4,10 @@ A method owns its networks, optimizers, schedules and whatever state is not lear
 epoch owns the order of things: batches, the label store, counting. Per epoch::
 
     method.before_epoch(epoch, context)          # SeCu: snapshot the centers; ProPos: a feature pass
-    for batch in batches:                         # full batches only
+    for batch in batches:                         # full batches
         out = method.train_step(batch, stored)    # forward, losses, backward, every optimizer it steps
         store.write_async(ids[out.write_mask_B], out.labels_HB[:, out.write_mask_B], epoch)
+    out = method.label_step(short_batch, stored)  # the last, shorter batch: labels only, no training
     for ids, labels in method.label_pass(epoch, context):   # ProPos: k-means labels for the next epoch
         store.write_async(ids, labels, epoch)
     store.flush()
@@ -123,6 +124,12 @@ class ClusteringMethod(ABC):
     @abstractmethod
     def train_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
         """One optimisation step on ``batch``, whose stored labels are ``stored_HB`` (int64 [H, B], -1: none)."""
+
+    def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput | None:
+        """Labels (and label statistics) for a batch too short to train on, the last of an epoch: no loss,
+        no optimizer step, networks in eval mode. Called on every rank together with batches of the same
+        size. The default, None, leaves those images with their previous label for the epoch."""
+        return None
 
     @abstractmethod
     def after_epoch(self) -> EpochSummary:

@@ -270,6 +270,12 @@ class PFCAMethod(ClusteringMethod):
         self.global_step += 1
         return StepOutput(labels_HB=labels_B.view(1, -1))
 
+    def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        """argmax Q of the real batch (Q in eval mode, as in every step); no update of any network."""
+        mean, std = self.exp.augment.mean, self.exp.augment.std
+        real = normalize(batch["image"].to(self.device, non_blocking=True), mean, std)
+        return StepOutput(labels_HB=self._label(real).view(1, -1))
+
     def _means(self) -> dict[str, float]:
         c = self.counts
         return {"critic": self.sums["critic"] / max(c["critic"], 1), "gp": self.sums["gp"] / max(c["critic"], 1),

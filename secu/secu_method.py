@@ -21,7 +21,7 @@ from secu.optim import build_optimizer, set_learning_rates
 from secu.precision import autocast_dtype
 from secu.schedules import lr_schedule
 from secu.state import ClusterState
-from secu.step import secu_step
+from secu.step import secu_label_step, secu_step
 
 CENTER_KEY = "centers.weights.{head}"
 """Key of head h's center matrix W_h (D x K) in the network's state dict (``secu.centers.Centers``)."""
@@ -92,6 +92,22 @@ class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
         self.steps += 1
         self.global_step += 1
         return StepOutput(labels_HB=result.labels_HB, write_mask_B=result.write_mask_B)
+
+    def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        """``secu_label_step`` on the two views with the network in eval mode: labels and counters, no loss."""
+        mean, std = self.exp.augment.mean, self.exp.augment.std
+        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
+        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
+        training = self.base.training
+        self.base.eval()
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                labels_HB, write_mask_B, self.state = secu_label_step(
+                    self.base, view1, view2, batch["sample_index"].long().to(self.device), stored_HB, self.state,
+                    self.exp.secu)
+        finally:
+            self.base.train(training)
+        return StepOutput(labels_HB=labels_HB, write_mask_B=write_mask_B)
 
     def progress(self) -> str:
         """Mean loss terms so far in this epoch and the current learning rates."""

@@ -152,6 +152,35 @@ def secu_step(
     )
 
 
+@torch.no_grad()
+def secu_label_step(
+    net: nn.Module,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    sample_index_B: torch.Tensor,
+    prev_labels_HB: torch.Tensor,
+    state: ClusterState,
+    cfg: SeCuConfig,
+) -> tuple[torch.Tensor, torch.Tensor, ClusterState]:
+    """The assignment of 3.2 for a batch too short to train on (the last of an epoch), without a loss.
+
+    Same labels and counter update as ``secu_step`` (one all-gather, identical on every rank), so that every
+    image gets its label of the epoch and the counters equal a recount of the memory; the duals are left
+    as they are, since a dual step over a few images would move them by a noisy estimate of the sizes.
+    Call it with ``net`` unwrapped and in eval mode (BatchNorm's running statistics: a batch of a few rows,
+    or one, has no batch statistics worth using).
+
+    Returns:
+        This rank's new labels int64 [H, B], its write mask [B] and the state after the counter update.
+    """
+    heads, device = cfg.num_heads, view1.device
+    prev_HB = prev_labels_HB.to(device=device, dtype=torch.long)
+    cost_BK = costs(net(view1, view2))
+    labels_HB = torch.stack([_assign(cost_BK[h], h, prev_HB[h], state, cfg).to(device) for h in range(heads)])
+    write_mask_B, updated, _ = _gather_and_update(sample_index_B, prev_HB, labels_HB, state, cfg)
+    return labels_HB, write_mask_B, ClusterState(counters=updated.counters, duals=[d.clone() for d in state.duals])
+
+
 def _gather_and_update(sample_index_B: torch.Tensor, prev_HB: torch.Tensor, labels_HB: torch.Tensor,
                        state: ClusterState, cfg: SeCuConfig) -> tuple[torch.Tensor, ClusterState, list[float]]:
     """One all-gather of (id, rank, stored labels, new labels) over the global batch, then the same state

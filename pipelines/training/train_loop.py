@@ -186,11 +186,14 @@ def _log_resume(run_id: str, chosen: CheckpointRef, ray_checkpoint: ray.train.Ch
 
 
 def _epoch_metrics(epoch: int, result: EpochResult, elapsed: float) -> tuple[dict[str, Any], int]:
-    """The method's metrics with the images trained on and the throughput, summed over ranks; and the
-    rows delivered to all ranks (for the bad-input check)."""
-    images_all = float(distributed.all_reduce_sum(torch.tensor(float(result.images))))
-    delivered_all = int(distributed.all_reduce_sum(torch.tensor(float(result.delivered))))
+    """The method's metrics with the images trained on, those of the last short batches (labelled, not
+    trained on) and the throughput, summed over ranks; and the rows delivered to all ranks (for the
+    bad-input check)."""
+    summed = distributed.all_reduce_sum(torch.tensor([float(result.images), float(result.delivered),
+                                                      float(result.labelled_only)], dtype=torch.float64))
+    images_all, delivered_all = float(summed[0]), int(summed[1])
     metrics: dict[str, Any] = {"epoch": epoch, **result.summary.metrics, "data/images": images_all,
+                               "data/labelled_only": float(summed[2]),
                                "data/images_per_s": images_all / max(elapsed, 1e-9), "time/epoch_s": elapsed}
     return metrics, delivered_all
 

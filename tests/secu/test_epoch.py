@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -78,9 +79,62 @@ class FeaturePassMethod(PerBatchLossMethod):
 def test_partial_last_batch_is_counted_not_trained_and_nothing_stored_without_labels() -> None:
     method, memory = PerBatchLossMethod(), LocalMemory(N + 3, 1)
     result = run_epoch(method, batches(N + 3), memory, 0, batch_size=BATCH)
-    assert (result.steps, result.images, result.delivered) == (5, 40, 43)
+    assert (result.steps, result.images, result.delivered, result.labelled_only) == (5, 40, 43, 0)
     assert len(method.seen) == 40 and len(set(method.seen)) == 40
     assert bool((memory.labels_HN == -1).all())  # the method returned no labels: the store is untouched
+
+
+def test_only_the_last_batch_may_be_short() -> None:
+    def short_first() -> Iterator[Batch]:
+        items = list(batches(N + 3))
+        yield from [items[-1], *items[:-1]]
+
+    with pytest.raises(ValueError, match="3 rows came before a full one"):
+        run_epoch(PerBatchLossMethod(), short_first(), LocalMemory(N + 3, 1), 0, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("constraint", ["size", "entropy"])
+def test_secu_labels_every_image_every_epoch_and_counters_equal_the_recount(constraint: str) -> None:
+    """N = 43 with batches of 8: the last 3 images of each epoch are labelled by ``label_step`` (eval mode, no
+    optimizer step), so every image has its label of the epoch and the counters equal a recount."""
+    exp = apply_overrides(experiment(), [f"secu.constraint={constraint}", "secu.alpha=50"])
+    written: dict[int, set[int]] = {}
+
+    class RecordingMemory(LocalMemory):
+        def write_async(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> None:
+            written.setdefault(epoch, set()).update(np.asarray(sample_index_B).tolist())
+            super().write_async(sample_index_B, labels_HB, epoch)
+
+    method, memory = SeCuMethod(exp, build_network(exp), (N + 3) // BATCH), RecordingMemory(N + 3, 2)
+    for epoch in range(3):
+        before = {k: v.clone() for k, v in method.base.state_dict().items()}
+        steps_before = method.global_step
+        result = run_epoch(method, batches(N + 3, seed=epoch), memory, epoch, batch_size=BATCH)
+        assert (result.steps, result.labelled_only) == (5, 3) and method.global_step == steps_before + 5
+        assert written[epoch] == set(range(N + 3)), f"epoch {epoch}: an image got no label of the epoch"
+        state = result.summary.cluster_state
+        assert state is not None
+        for h, k in enumerate((3, 5)):
+            recount = torch.bincount(memory.labels_HN[h], minlength=k).double()
+            assert torch.equal(state.counters[h], recount), (epoch, h, state.counters[h], recount)
+        assert any(not torch.equal(before[k], v) for k, v in method.base.state_dict().items())
+    assert method.base.training, "label_step leaves the network in training mode"
+
+
+def test_secu_label_step_trains_nothing_and_keeps_the_duals() -> None:
+    exp = experiment()
+    method = SeCuMethod(exp, build_network(exp), N // BATCH)
+    method.before_epoch(0, EpochContext())
+    method.state.duals[0] += torch.linspace(-1, 1, 3, dtype=torch.float64)
+    short = next(batches(3, batch=3))
+    weights = copy.deepcopy(method.base.state_dict())
+    duals = [d.clone() for d in method.state.duals]
+    out = method.label_step(short, torch.full((2, 3), -1, dtype=torch.long))
+    assert out.labels_HB is not None and out.labels_HB.shape == (2, 3)
+    assert all(torch.equal(weights[k], v) for k, v in method.base.state_dict().items())  # BN stats too
+    assert all(torch.equal(a, b) for a, b in zip(duals, method.state.duals, strict=True))
+    assert [float(c.sum()) for c in method.state.counters] == [3.0, 3.0]
+    assert method.steps == 0 and method.global_step == 0
 
 
 def test_a_feature_pass_method_gets_every_image_before_the_epoch() -> None:
