@@ -2,8 +2,8 @@
 complete JSON result. The figures themselves are not checked (claims live in the benchmarks, not in
 timed tests); only that they are there, numeric and finite.
 
-All of them run in the default suite (about 2 minutes together on 2 idle cores; ``scaling`` and ``quality``
-run short trainings, about 45 s each).
+Those that train through the product (``scaling``, ``quality``, ``methods``: about a minute each on 2
+cores) are behind the slow marker; the others run in the default suite.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def test_inference_quick(tmp_path: Path) -> None:
     assert data["checks"]["rows_ours"] == data["checks"]["rows_plain"] == data["config"]["images"]
 
 
+@pytest.mark.slow  # a short training through the product: about a minute on 2 cores
 @pytest.mark.ray
 def test_scaling_quick(tmp_path: Path) -> None:
     data = run_quick("scaling", tmp_path)
@@ -141,6 +142,7 @@ def test_scaling_quick(tmp_path: Path) -> None:
     assert data["scaling"]["W1"]["efficiency"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # a short training through the product: about a minute on 2 cores
 @pytest.mark.ray
 def test_quality_quick(tmp_path: Path) -> None:
     data = run_quick("quality", tmp_path)
@@ -208,6 +210,7 @@ def test_robustness_quick(tmp_path: Path) -> None:
         assert 0.0 <= run[who]["acc"] <= 1.0 and 0.0 <= run[who]["nmi"] <= 1.0
 
 
+@pytest.mark.slow  # a short training through the product: about a minute on 2 cores
 def test_methods_quick(tmp_path: Path) -> None:
     data = run_quick("methods", tmp_path)
     assert set(data["summary"]) == {"propos", "drc", "kmeans"}
