@@ -17,7 +17,9 @@ Measured in one run, per mode (``pages``, then the baseline ``all``; each on a f
 3. Memory: the shard actor's peak and current resident set (``VmHWM``/``VmRSS`` of its process; per
    instance after subtracting the peak of an actor holding 1,000 ids), the workers' label bytes
    (``cached_label_bytes``) and peak resident sets.
-4. ``--small-samples`` (default 10M) x the ``imagenet1k`` recipe's 10 heads, ``pages`` only: the same
+4. The epoch close of a fully labelled memory (statistics and swap, in a fresh actor process, with its
+   peak memory): the simulated epochs label only the ids their steps read.
+5. ``--small-samples`` (default 10M) x the ``imagenet1k`` recipe's 10 heads, ``pages`` only: the same
    figures, from which 100M x 10 heads is extrapolated (linear in N), and the largest N one shard holds
    on a ``--node-gib`` node of which it may use ``--shard-fraction``, for 1 and 10 heads.
 
@@ -191,6 +193,47 @@ def measure(num_samples: int, ks: list[int], mode: str, args: Any) -> dict[str, 
     }
 
 
+class EpochCloseProbe:
+    """A fresh actor process that times the epoch close of a fully labelled ``AssignmentMemory`` (the simulated
+    epochs above label only the ids their steps read, so their ``end_epoch`` skips most of the work)."""
+
+    def run(self, num_samples: int, ks: list[int]) -> Figures:
+        import os
+
+        from pipelines.training.memory import STATS_CHUNK_IDS, AssignmentMemory
+
+        before = proc_kib(os.getpid(), "VmHWM")
+        memory = AssignmentMemory(0, num_samples, ks)
+        for a in range(0, num_samples, STATS_CHUNK_IDS):  # every id labelled, written directly (not timed)
+            b = min(a + STATS_CHUNK_IDS, num_samples)
+            ids = np.arange(a, b)
+            for h, k in enumerate(ks):
+                memory.next_HN[h, a:b] = (ids * 7 + h) % k
+        memory.written_N[:] = True
+        with Stopwatch() as stats:
+            memory.sufficient_stats(epoch=0)
+        with Stopwatch() as commit:
+            memory.commit_epoch(None, None, epoch=0)
+        return {"stats_s": stats.seconds, "commit_s": commit.seconds, "end_epoch_s": stats.seconds + commit.seconds,
+                "peak_gib": proc_kib(os.getpid(), "VmHWM") / 2**20, "baseline_gib": before / 2**20,
+                "peak_bytes_per_instance": (proc_kib(os.getpid(), "VmHWM") - before) * 1024 / num_samples}
+
+
+_EpochCloseActor = ray.remote(num_cpus=1)(EpochCloseProbe)
+
+
+def full_epoch_close(num_samples: int, ks: list[int]) -> Figures:
+    print(f"  epoch close of a fully labelled memory, N={num_samples:,} H={len(ks)}")
+    probe = _EpochCloseActor.remote()
+    try:
+        figures: Figures = ray.get(probe.run.remote(num_samples, ks))
+    finally:
+        ray.kill(probe)
+    print(f"    statistics {figures['stats_s']:.2f} s, swap {figures['commit_s']:.2f} s, "
+          f"peak {figures['peak_gib']:.2f} GiB")
+    return figures
+
+
 def process_baseline_gib(ks: list[int]) -> float:
     """Peak resident set of a coordinator actor process holding only 1,000 ids: Ray's and numpy's share,
     subtracted before figures per instance are taken."""
@@ -234,12 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         "all": measure(args.num_samples, [1000], "all", args),
         "pages_10_heads": measure(args.small_samples, heads10, "pages", args),
     }
+    closes = {"1_head": full_epoch_close(args.num_samples, [1000]),
+              "10_heads": full_epoch_close(args.small_samples, heads10)}
     ray.shutdown()
     small = runs["pages_10_heads"]
     scale = 100_000_000 / args.small_samples
     budget = args.node_gib * args.shard_fraction * GIB
-    one_head_peak = runs["pages"]["actor_peak_bytes_per_instance"]
-    ten_head_peak = small["actor_peak_bytes_per_instance"]
+    # The larger of the two peaks per instance: the simulated epochs' (checkpoint fetch included) and the
+    # fully labelled epoch close's.
+    one_head_peak = max(runs["pages"]["actor_peak_bytes_per_instance"], closes["1_head"]["peak_bytes_per_instance"])
+    ten_head_peak = max(small["actor_peak_bytes_per_instance"], closes["10_heads"]["peak_bytes_per_instance"])
     result["config"] = {k: getattr(args, k) for k in ("num_samples", "small_samples", "workers", "steps", "step_ms",
                                                       "batch", "shard_size", "epochs", "node_gib",
                                                       "shard_fraction", "cpus")}
@@ -249,13 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                         "state_dict on the driver; memory: VmHWM/VmRSS of the processes")
     result["baseline"] = "all"
     result["measured"] = runs
+    result["full_epoch_close"] = closes
     result["ratios_pages_to_all"] = {k: runs["pages"][k] / runs["all"][k] if runs["all"][k] else None
                                      for k in ("per_step_ms", "begin_epoch_s", "worker_peak_rss_gib")}
     result["extrapolated"] = {
         "basis": f"the 10-head run at N = {args.small_samples:,}, linear in N",
         "100M_x_10_heads": {
             "actor_peak_gib": ten_head_peak * 1e8 / GIB,
-            "end_epoch_s": small["end_epoch_s"] * scale,
+            "end_epoch_s": closes["10_heads"]["end_epoch_s"] * scale,
             "state_dict_s": small["state_dict_s"] * scale,
             "worker_label_bytes": small["worker_label_bytes_max"],
             "shards_on_32_gib_nodes": max(1, math.ceil(ten_head_peak * 1e8 / budget)),

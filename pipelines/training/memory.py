@@ -193,8 +193,14 @@ class AssignmentMemory:
         self.epoch = 0
         self.counters: list[np.ndarray] | None = None
         self.duals: list[np.ndarray] | None = None
+        self._drop_arrays()
         self._set_prev(np.full((self.num_heads, self.num_samples), -1, dtype=self.dtype))
         self._begin_next()
+
+    def _drop_arrays(self) -> None:
+        """Frees the buffers before new ones are made (a reset or restore would otherwise hold both)."""
+        for name in ("prev_HN", "next_HN", "written_N"):
+            self.__dict__.pop(name, None)
 
     @property
     def num_heads(self) -> int:
@@ -392,6 +398,7 @@ class AssignmentMemory:
         self.counters = per_head(state.counters, self.ks, "counters")
         self.duals = per_head(state.duals, self.ks, "duals")
         self.epoch = state.epoch
+        self._drop_arrays()
         self._set_prev(np.asarray(state.prev_HN).astype(self.dtype, copy=True))
         self._begin_next()
         self.restored = True
