@@ -62,9 +62,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from secu import distributed
-from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
+from secu.method import (
+    Assignment,
+    Batch,
+    EpochContext,
+    EpochSummary,
+    OneNetworkMethod,
+    StepOutput,
+    evaluating,
+    normalized_views,
+)
 from secu.method_configs import DRCConfig
 from secu.model import build_backbone
 from secu.precision import autocast_dtype
@@ -233,9 +241,7 @@ class DRCMethod(OneNetworkMethod[DRCNetwork]):
         lr = float(self.lrs[self._schedule_index()])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        mean, std = self.exp.augment.mean, self.exp.augment.std
-        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
-        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
+        view1, view2 = normalized_views(batch, self.exp.augment.mean, self.exp.augment.std, self.device)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             af1_HBK, af2_HBK = self.net(view1, view2)
         terms = gathered_objective(af1_HBK, af2_HBK, self.exp.drc)  # float32 outside autocast
@@ -255,16 +261,10 @@ class DRCMethod(OneNetworkMethod[DRCNetwork]):
     @torch.no_grad()
     def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
         """argmax AP of view 1 per head with the network in eval mode; no loss, no step."""
-        mean, std = self.exp.augment.mean, self.exp.augment.std
-        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
-        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
-        training = self.base.training
-        self.base.eval()
-        try:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                af1_HBK, _ = self.base(view1, view2)
-        finally:
-            self.base.train(training)
+        view1, view2 = normalized_views(batch, self.exp.augment.mean, self.exp.augment.std, self.device)
+        with evaluating(self.base), torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
+                                                   enabled=self.use_amp):
+            af1_HBK, _ = self.base(view1, view2)
         return StepOutput(labels_HB=torch.stack([af.argmax(dim=1) for af in af1_HBK]).long())
 
     def progress(self) -> str:

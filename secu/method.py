@@ -28,7 +28,8 @@ Legend: B = batch, H = heads, N = images.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -41,6 +42,26 @@ from secu.state import ClusterState
 Batch = dict[str, torch.Tensor]
 """One batch: ``sample_index`` (int64 [B]) and the method's inputs (``view1``, ``view2``: uint8 or float
 [B, C, S, S], not normalised; ``image`` for a deterministic feature pass)."""
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, back in the mode it had after it (a label step's forward)."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+def normalized_views(batch: Batch, mean: Sequence[float], std: Sequence[float],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's ``view1`` and ``view2`` on ``device``, normalised (``secu.augment.normalize``)."""
+    from secu.augment import normalize
+
+    return (normalize(batch["view1"].to(device, non_blocking=True), mean, std),
+            normalize(batch["view2"].to(device, non_blocking=True), mean, std))
 
 
 class LabelStore(Protocol):

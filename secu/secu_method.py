@@ -15,7 +15,16 @@ from torch import nn
 from secu import distributed
 from secu.augment import normalize
 from secu.config import ExperimentConfig
-from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
+from secu.method import (
+    Assignment,
+    Batch,
+    EpochContext,
+    EpochSummary,
+    OneNetworkMethod,
+    StepOutput,
+    evaluating,
+    normalized_views,
+)
 from secu.network import SeCuNetwork, confident_clusters
 from secu.optim import build_optimizer, set_learning_rates
 from secu.precision import autocast_dtype
@@ -95,18 +104,12 @@ class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
 
     def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
         """``secu_label_step`` on the two views with the network in eval mode: labels and counters, no loss."""
-        mean, std = self.exp.augment.mean, self.exp.augment.std
-        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
-        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
-        training = self.base.training
-        self.base.eval()
-        try:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                labels_HB, write_mask_B, self.state = secu_label_step(
-                    self.base, view1, view2, batch["sample_index"].long().to(self.device), stored_HB, self.state,
-                    self.exp.secu)
-        finally:
-            self.base.train(training)
+        view1, view2 = normalized_views(batch, self.exp.augment.mean, self.exp.augment.std, self.device)
+        with evaluating(self.base), torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
+                                                   enabled=self.use_amp):
+            labels_HB, write_mask_B, self.state = secu_label_step(
+                self.base, view1, view2, batch["sample_index"].long().to(self.device), stored_HB, self.state,
+                self.exp.secu)
         return StepOutput(labels_HB=labels_HB, write_mask_B=write_mask_B)
 
     def progress(self) -> str:
