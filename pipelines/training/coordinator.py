@@ -1,7 +1,7 @@
 """The ClusterCoordinator: owner of SeCu's global clustering state across epochs, on Ray.
 
-One Ray actor per shard (``ClusterCoordinator``, a thin wrapper over one Ray-free
-``pipelines.training.memory.AssignmentMemory``) owns the assignment memory of a contiguous id range;
+One Ray actor per shard (``ClusterCoordinator``, ``pipelines.training.coordinator_actor``, a thin wrapper
+over one Ray-free ``pipelines.training.memory.AssignmentMemory``) owns the assignment memory of a contiguous id range;
 ``CoordinatorClient`` is the handle of the driver and the workers: publish/lookup, batched asynchronous
 writes, epoch end (per-shard ``ShardStats`` merged by ``combine_stats``), and the checkpointed state
 across shards as a typed ``CoordinatorState`` (``pipelines.training.coordinator_state``).
@@ -18,26 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
 
-from pipelines.training.coordinator_state import CoordinatorState, ShardState, per_head, validate_ks
-from pipelines.training.memory import (
-    AssignmentMemory,
-    ShardStats,
-    StaleEpochError,
-    as_ids,
-    as_labels,
-    combine_stats,
-    resolve_label_fetch,
-    route,
-    shard_ranges,
-)
+from pipelines.training.coordinator_actor import ClusterCoordinatorActor
+from pipelines.training.coordinator_state import CoordinatorState, per_head, validate_ks
+from pipelines.training.id_ranges import as_ids, resolve_label_fetch, route, shard_ranges
+from pipelines.training.label_pages import DEFAULT_MAX_PAGES, DEFAULT_PAGE_IDS, LabelPages
+from pipelines.training.memory import ShardStats, StaleEpochError, as_labels, combine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -47,90 +38,7 @@ DEFAULT_FLUSH_EVERY = 4096
 MAX_PENDING_WRITES = 16
 """Unfinished write calls a client allows before it waits (bounds its object-store use)."""
 
-DEFAULT_PAGE_IDS = 1 << 16
-"""Ids per page of a paged lookup (128 KiB per int16 head): several shards of ingest's 10,000 images."""
 
-DEFAULT_MAX_PAGES = 64
-"""Pages a client keeps (least recently used first out): 4.2M ids, 8 MiB per int16 head."""
-
-
-class ClusterCoordinator:
-    """Ray actor owning one id range's ``AssignmentMemory`` (a thin wrapper; the logic is tested plain).
-
-    Create it through ``CoordinatorClient.create``. With ``max_restarts=-1`` Ray re-runs ``__init__``
-    after a crash; the actor then knows it was reconstructed and refuses to serve until restored.
-    """
-
-    def __init__(self, lo: int, hi: int, ks: list[int], true_labels: np.ndarray | None = None) -> None:
-        """Creates the shard; ``true_labels`` (one per id in [lo, hi), < 0 unknown) enables ACC/NMI/ARI."""
-        with warnings.catch_warnings():
-            # Ray 2.60's own implementation of this property reads the deprecated ``actor_id``.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        self._memory = AssignmentMemory(lo, hi, ks, restored=not reconstructed)
-        self._true_labels = None if true_labels is None else np.asarray(true_labels)
-        self._published: tuple[int, ray.ObjectRef] | None = None
-        if reconstructed:
-            logger.warning("coordinator shard [%d, %d) restarted with empty state; waits for a restore", lo, hi)
-
-    def is_restored(self) -> bool:
-        """False after a Ray restart until ``load_state_dict`` or ``reset``."""
-        return self._memory.restored
-
-    def current_epoch(self) -> int:
-        """The epoch being written (``CoordinatorNotRestoredError`` while the state is lost)."""
-        self._memory.check_restored()
-        return self._memory.epoch
-
-    def published_range(self, lo: int, hi: int, epoch: int | None) -> np.ndarray:
-        """See ``AssignmentMemory.published_range``: one page of the previous epoch's labels."""
-        return self._memory.published_range(lo, hi, epoch)
-
-    def publish(self) -> tuple[int, ray.ObjectRef]:
-        """(epoch, ref to the previous epoch's labels [H, N]); ``ray.put`` at most once per epoch."""
-        if self._published is None or self._published[0] != self._memory.epoch:
-            ref = ray.put(self._memory.published())
-            # Serve prev from the object store's zero-copy view and drop the heap copy, so that the
-            # published labels are held once on this node, not twice.
-            self._memory.adopt_published(ray.get(ref))
-            self._published = (self._memory.epoch, ref)
-        return self._published
-
-    def write(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> int:
-        """See ``AssignmentMemory.write``."""
-        return self._memory.write(sample_index_B, labels_HB, epoch)
-
-    def sufficient_stats(self, epoch: int | None) -> ShardStats:
-        """See ``AssignmentMemory.sufficient_stats`` (with the true labels given at creation)."""
-        return self._memory.sufficient_stats(self._true_labels, epoch=epoch)
-
-    def commit_epoch(
-        self, epoch: int | None, counters: list[np.ndarray] | None, duals: list[np.ndarray] | None
-    ) -> None:
-        """See ``AssignmentMemory.commit_epoch``."""
-        self._memory.commit_epoch(counters, duals, epoch=epoch)
-        self._published = None
-
-    def recount(self, head: int) -> np.ndarray:
-        """See ``AssignmentMemory.recount``."""
-        return self._memory.recount(head)
-
-    def state_dict(self) -> ShardState:
-        """See ``AssignmentMemory.state_dict``."""
-        return self._memory.state_dict()
-
-    def load_state_dict(self, state: ShardState) -> None:
-        """See ``AssignmentMemory.load_state_dict``."""
-        self._memory.load_state_dict(state)
-        self._published = None
-
-    def reset(self) -> None:
-        """See ``AssignmentMemory.reset``."""
-        self._memory.reset()
-        self._published = None
-
-
-_ClusterCoordinatorActor = ray.remote(ClusterCoordinator)
 
 _INLINE_ARG_BYTES = 64 * 1024
 """Constructor arguments up to this size are sent inline (Ray inlines task arguments below 100 KiB)."""
@@ -172,8 +80,7 @@ class CoordinatorClient:
         self._ks = validate_ks(ks)
         self._flush_every = int(flush_every)
         self._fetch = resolve_label_fetch(label_fetch, self._ranges[-1][1], self._ks)
-        self._page_ids = int(page_ids)
-        self._max_pages = int(max_pages)
+        self._page_ids, self._max_pages = int(page_ids), int(max_pages)
         self._reset_local()
 
     def _reset_local(self) -> None:
@@ -185,9 +92,7 @@ class CoordinatorClient:
         self._written_rows = 0
         self._published_epoch: int | None = None
         self._published: list[np.ndarray] = []
-        self._pages: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.page_fetches = 0
-        """Pages this client fetched since it was made or unpickled (``label_fetch`` ``pages``)."""
+        self._pages = LabelPages(self._page_ids, self._max_pages)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"handles": self._handles, "ranges": self._ranges, "ks": self._ks, "flush": self._flush_every,
@@ -199,8 +104,7 @@ class CoordinatorClient:
         self._ks = state["ks"]
         self._flush_every = state["flush"]
         self._fetch = state["fetch"]
-        self._page_ids = state["page_ids"]
-        self._max_pages = state["max_pages"]
+        self._page_ids, self._max_pages = state["page_ids"], state["max_pages"]
         self._reset_local()
 
     @classmethod
@@ -261,7 +165,7 @@ class CoordinatorClient:
                 else:
                     args[i] = part
         handles = [
-            _ClusterCoordinatorActor.options(
+            ClusterCoordinatorActor.options(
                 name=f"secu-coord-{run_id}-{i}", max_restarts=-1, max_task_retries=-1, num_cpus=0
             ).remote(lo, hi, ks, args[i])
             for i, (lo, hi) in enumerate(ranges)
@@ -289,7 +193,12 @@ class CoordinatorClient:
     @property
     def cached_label_bytes(self) -> int:
         """Bytes of labels this client holds: its cached pages, or every shard's labels (``all``)."""
-        return sum(a.nbytes for a in self._pages.values()) + sum(a.nbytes for a in self._published)
+        return self._pages.nbytes + sum(a.nbytes for a in self._published)
+
+    @property
+    def page_fetches(self) -> int:
+        """Pages this client fetched since it was made or unpickled (``label_fetch`` ``pages``)."""
+        return self._pages.fetches
 
     @property
     def handles(self) -> list[Any]:
@@ -343,51 +252,12 @@ class CoordinatorClient:
             raise ValueError("labels_for before begin_epoch: call begin_epoch(epoch) at every epoch start")
         ids_B = as_ids(sample_index_B)
         if self._fetch == "pages":
-            return self._labels_from_pages(ids_B)
+            assert self._published_epoch is not None
+            return self._pages.lookup(ids_B, self._handles, self._ranges, self._published_epoch, len(self._ks))
         out_HB = np.empty((len(self._ks), ids_B.size), dtype=np.int64)
         for (lo, _), prev_HN, pos in zip(self._ranges, self._published, route(ids_B, self._ranges), strict=True):
             out_HB[:, pos] = prev_HN[:, ids_B[pos] - lo]
         return out_HB
-
-    def _labels_from_pages(self, ids_B: np.ndarray) -> np.ndarray:
-        lo, hi = self._ranges[0][0], self._ranges[-1][1]
-        if ids_B.size and (ids_B.min() < lo or ids_B.max() >= hi):
-            raise ValueError(f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{lo}, {hi})")
-        page_B = ids_B // self._page_ids
-        pages = np.unique(page_B)
-        missing = [int(p) for p in pages if int(p) not in self._pages]
-        if missing:
-            self._fetch_pages(missing)
-        out_HB = np.empty((len(self._ks), ids_B.size), dtype=np.int64)
-        for page in pages.tolist():
-            labels_HP = self._pages[page]
-            self._pages.move_to_end(page)
-            if pages.size == 1:
-                out_HB[:] = labels_HP[:, ids_B - page * self._page_ids]
-            else:
-                pos = np.flatnonzero(page_B == page)
-                out_HB[:, pos] = labels_HP[:, ids_B[pos] - page * self._page_ids]
-        while len(self._pages) > self._max_pages:  # after the lookup: this batch's pages stay
-            self._pages.popitem(last=False)
-        return out_HB
-
-    def _fetch_pages(self, pages: list[int]) -> None:
-        """Fetches pages from the shards that own them, in one round trip (a page may span two shards)."""
-        total = self._ranges[-1][1]
-        requests: list[tuple[int, ray.ObjectRef]] = []
-        for page in pages:
-            lo, hi = page * self._page_ids, min((page + 1) * self._page_ids, total)
-            for handle, (a, b) in zip(self._handles, self._ranges, strict=True):
-                if a < hi and lo < b:
-                    requests.append((page, handle.published_range.remote(max(a, lo), min(b, hi),
-                                                                          self._published_epoch)))
-        parts = ray.get([ref for _, ref in requests])
-        by_page: dict[int, list[np.ndarray]] = {}
-        for (page, _), part in zip(requests, parts, strict=True):
-            by_page.setdefault(page, []).append(part)
-        for page, pieces in by_page.items():
-            self._pages[page] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
-        self.page_fetches += len(pages)
 
     def write_async(self, sample_index_B: np.ndarray, labels_HB: np.ndarray, epoch: int) -> None:
         """Buffers new labels; sends them without waiting once ``flush_every`` rows are buffered."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.tracking.config import TrackingConfig
-from pipelines.training.memory import LABEL_FETCH_MODES
+from pipelines.training.id_ranges import LABEL_FETCH_MODES
 from secu.config import ExperimentConfig
 from secu.overrides import apply_overrides, merge
 from secu.recipes import recipe

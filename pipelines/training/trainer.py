@@ -29,8 +29,8 @@ from pipelines.training.checkpoint_integrity import set_aside_stale_ray_snapshot
 from pipelines.training.checkpointing import CHECKPOINTS_DIR, checkpoint_at, list_checkpoints
 from pipelines.training.coordinator import CoordinatorClient
 from pipelines.training.fail_fast import StopOnDeterministicErrors
+from pipelines.training.id_ranges import shard_ranges
 from pipelines.training.job_config import TrainJobConfig
-from pipelines.training.memory import shard_ranges
 from pipelines.training.train_loop import WorkerInputs, train_loop_per_worker, views_on_device
 from pipelines.training.warm_start import WarmStart, prepare_warm_start
 from secu.adapt import adapt_to_collection

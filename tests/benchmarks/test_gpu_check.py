@@ -78,8 +78,9 @@ def test_no_gpu_message_says_why() -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_target_runs_the_module() -> None:
-    proc = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--epochs 3"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30)
+    # --no-print-directory: under `make test` (MAKELEVEL set) make would add "Entering directory" lines.
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "GPU_CHECK_ARGS=--epochs 3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "-m benchmarks.gpu_check" in proc.stdout and proc.stdout.rstrip().endswith("--epochs 3")
 

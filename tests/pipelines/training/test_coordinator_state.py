@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipelines.training.coordinator_state import CoordinatorState, ShardState
-from pipelines.training.memory import AssignmentMemory, shard_ranges
+from pipelines.training.id_ranges import shard_ranges
+from pipelines.training.memory import AssignmentMemory
 from tests.pipelines.training.memory_builders import assert_same, close_epoch
 
 KS = (3, 5)

@@ -9,15 +9,13 @@ import pickle
 import numpy as np
 import pytest
 
+from pipelines.training.id_ranges import resolve_label_fetch, route, shard_ranges
 from pipelines.training.memory import (
     AssignmentMemory,
     CoordinatorNotRestoredError,
     StaleEpochError,
     combine_stats,
     label_dtype,
-    resolve_label_fetch,
-    route,
-    shard_ranges,
 )
 from secu.metrics import evaluate_clustering, size_stats
 from tests.pipelines.training.memory_builders import assert_same, close_epoch, counts, interleave, rank_batches

@@ -11,8 +11,9 @@ import torch
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import TrainingState, checkpoint_at, save_checkpoint
 from pipelines.training.coordinator_state import CoordinatorState
+from pipelines.training.id_ranges import shard_ranges
 from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
-from pipelines.training.memory import AssignmentMemory, shard_ranges
+from pipelines.training.memory import AssignmentMemory
 from pipelines.training.warm_start import prepare_warm_start
 from secu.network import build_network
 from secu.recipes import recipe
