@@ -7,8 +7,6 @@ is at least as fast end to end as the loop a user would write by hand.
 - ``ray_data``: ``run_inference`` on a local Ray with ``--cpus`` CPUs and its default options
   (batch 256; on CPUs half of them as model actors). Timed end to end (checkpoint load, planning,
   actors, writing, verification, publishing); ``execution_images_per_s`` is the Ray part alone.
-- ``ray_data_fused``: the same with ``fuse_decode=yes`` (the actors decode and transform their rows; read tasks
-  reserve ``read_cpus``; on CPUs as many actors as the CPUs a read task leaves), plus ``--fused-set``.
 - ``plain_loop``: one process with ``--cpus`` torch threads: read every shard with ``tarfile``,
   ``pipelines.dataset.decode.decode_image``, ``EvalTransform``, batches of 256 through the same network and
   the same row construction (``Assigner``), one ``pyarrow.parquet.ParquetWriter`` with the same
@@ -142,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray CPUs for ours; torch threads of the plain loop")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="InferenceOptions of ours, e.g. concurrency=2 or cpus_per_actor=0.5")
-    parser.add_argument("--fused-set", dest="fused_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="InferenceOptions of ours with decoding in the actors (after fuse_decode=yes)")
     args = parser.parse_args(argv)
     from pipelines.outputs.inference import InferenceOptions
 
@@ -160,11 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         from secu.overrides import apply_overrides
 
         options = apply_overrides(InferenceOptions(batch_size=args.batch_size), args.overrides)
-        fused = apply_overrides(InferenceOptions(batch_size=args.batch_size, fuse_decode="yes"),
-                                args.fused_overrides)
         threads = torch.get_num_threads()
         rounds = alternate({"ray_data": lambda: ours(storage, options),
-                            "ray_data_fused": lambda: ours(storage, fused),
                             "plain_loop": lambda: plain_loop(storage, plain_dir, args.batch_size, args.cpus)},
                            args.repeats, args.warmup)
         torch.set_num_threads(threads)
@@ -186,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = rounds.summary("images_per_s")
     result["config"] = {"images": n, "recipe": args.recipe, "batch_size": args.batch_size, "cpus": args.cpus,
                         "inference_options": vars(options) if hasattr(options, "__dict__") else str(options),
-                        "fused_inference_options": vars(fused),
                         "repeats": args.repeats, "warmup": args.warmup}
     result["figure"] = ("images/s end to end (median over rounds); ratio = median / plain_loop median; "
                         "cpu_ms_per_image: CPU of this process and its descendants (local Ray included) per image")

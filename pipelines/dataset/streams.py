@@ -280,16 +280,6 @@ def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
 
 def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
                      shuffle: FileShuffleConfig | None) -> ray.data.Dataset:
-    # casts: Ray types a UDF's batch as a union of formats; these stages take the numpy format they ask for.
-    return _read(storage, plan, shuffle).map_batches(
-        cast(Any, decode), batch_size=DECODE_BATCH, batch_format="numpy",
-        fn_kwargs={"channels": channels, "policy": policy, "shard_first": plan.shard_first,
-                   "counter": plan.counter},
-    )
-
-
-def _read(storage: Storage, plan: DatasetPlan, shuffle: FileShuffleConfig | None,
-          num_cpus: float | None = None) -> ray.data.Dataset:
     # override_num_blocks = shards x split: Ray still runs exactly one read task per shard (a failing
     # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
     largest = max(s.count for s in plan.info.shards)
@@ -302,10 +292,14 @@ def _read(storage: Storage, plan: DatasetPlan, shuffle: FileShuffleConfig | None
         filesystem=storage.filesystem,
         shuffle=shuffle,
     )
-    extra: dict[str, Any] = {} if num_cpus is None else {"num_cpus": num_cpus}
-    ds = ray.data.read_datasource(source, override_num_blocks=len(plan.paths) * split, **extra)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(plan.paths) * split)
     ds.context.max_errored_blocks = plan.max_errored_blocks
-    return ds
+    # casts: Ray types a UDF's batch as a union of formats; these stages take the numpy format they ask for.
+    return ds.map_batches(
+        cast(Any, decode), batch_size=DECODE_BATCH, batch_format="numpy",
+        fn_kwargs={"channels": channels, "policy": policy, "shard_first": plan.shard_first,
+                   "counter": plan.counter},
+    )
 
 
 def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *, seed: int,
@@ -348,37 +342,6 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
     return ds.map_batches(cast(Any, augment_two_views), batch_size=DECODE_BATCH, batch_format="numpy",
                           fn_kwargs={"cfg_json": cfg_json, "seed": seed,
                                      "weak_json": None if weak is None else json.dumps(asdict(weak))})
-
-
-@dataclass(frozen=True)
-class EvalPrepare:
-    """The evaluation stream's ``decode`` and ``eval_transform`` as one callable, for a consumer that runs them
-    itself on the rows of :func:`build_eval_reader` (the fused inference actor): the same rows, bad input
-    counted the same way."""
-
-    channels: int
-    policy: BadInputPolicy
-    shard_first: dict[str, int]
-    counter: Any
-    cfg_json: str
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = decode(batch, channels=self.channels, policy=self.policy, shard_first=self.shard_first,
-                         counter=self.counter)
-        return eval_transform(decoded, cfg_json=self.cfg_json)
-
-
-def build_eval_reader(storage: Storage, dataset: str, augment: AugmentConfig, *,
-                      policy: BadInputPolicy | None = None, counter: Any | None = None,
-                      shards: Collection[str] | None = None,
-                      read_cpus: float | None = None) -> tuple[ray.data.Dataset, EvalPrepare]:
-    """The evaluation stream's raw rows (read only, as :func:`build_eval_dataset` reads them) and the
-    :class:`EvalPrepare` that turns a batch of them into its ``image`` rows; ``read_cpus``: CPUs a read task
-    reserves (Ray's default, 1, when None)."""
-    policy = policy or BadInputPolicy()
-    plan = plan_dataset(storage, dataset, policy, counter, shards)
-    prepare = EvalPrepare(augment.channels, policy, dict(plan.shard_first), plan.counter, json.dumps(asdict(augment)))
-    return _read(storage, plan, None, read_cpus), prepare
 
 
 def build_eval_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *,

@@ -5,7 +5,6 @@ of them over the evaluation stream.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,7 @@ class Assigner:
 
     def __init__(self, checkpoint: CheckpointRef, run_id: str, with_embeddings: bool = False,
                  use_gpu: bool = False, torch_threads: int = 1, sources: SourceLookup | None = None,
-                 progress: Any = None, prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-                 ) -> None:
+                 progress: Any = None) -> None:
         """Load the method of ``checkpoint`` onto this actor's device.
 
         Args:
@@ -51,8 +49,6 @@ class Assigner:
             torch_threads: CPU threads of torch (without a GPU).
             sources: The dataset's ``SourceLookup``, for batches without a ``source`` column.
             progress: A ``pipelines.outputs.progress.ProgressCounter`` to add each batch's rows to, or None.
-            prepare: Applied to each batch first (``pipelines.dataset.streams.EvalPrepare``: decode and the
-                evaluation transform in this actor, for raw rows of ``build_eval_reader``), or None.
         """
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError("an Assigner was given a GPU but torch sees none: check the CUDA install")
@@ -72,7 +68,6 @@ class Assigner:
         self.run_id, self.checkpoint, self.epoch = run_id, checkpoint.label, checkpoint.epoch
         self.sources = sources
         self.progress = progress
-        self.prepare = prepare
 
     def _sources(self, batch: dict[str, np.ndarray]) -> pa.Array:
         if SOURCE_COLUMN in batch:
@@ -84,11 +79,7 @@ class Assigner:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Cluster one batch with columns ``image`` (uint8 B x C x S x S), ``sample_index``, ``key``, ``shard``
-        (and ``source``, optional); with ``prepare``, the raw rows it turns into those."""
-        if self.prepare is not None:
-            batch = self.prepare(batch)
-            if len(batch["sample_index"]) == 0:  # every image of the batch was bad input (counted)
-                return self.schema.empty_table()
+        (and ``source``, optional)."""
         images = batch["image"]
         if images.dtype == object:  # ragged column: the transform produced arrays one by one
             images = np.stack(list(images))

@@ -81,13 +81,6 @@ class InferenceOptions:
     """CPUs reserved by each Assigner actor (and torch threads it uses)."""
     with_embeddings: bool = False
     """Also write the L2-normalised embedding z (fixed_size_list<float32>[D]) per image."""
-    fuse_decode: str = "no"
-    """'yes': every Assigner actor decodes and transforms its rows itself (one fused stage after the read
-    tasks, no decoded images through the object store); 'no': decode tasks feed the actors; 'auto': 'yes'
-    without GPUs (measured in ``benchmarks.inference``), 'no' with them (a GPU actor should not wait on
-    CPU decoding)."""
-    read_cpus: float = 0.25
-    """CPUs a read task reserves when decoding is fused into the actors (reading alone is light)."""
     min_rows_per_file: int = 100_000
     """Rows gathered into one Parquet file before it is written (fewer, larger files)."""
     max_bad_fraction: float = 0.01
@@ -105,10 +98,6 @@ class InferenceOptions:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must lie in [0, 1]")
-        if self.fuse_decode not in USE_GPU_CHOICES:
-            raise ValueError(f"fuse_decode={self.fuse_decode!r}: choose one of {USE_GPU_CHOICES}")
-        if self.read_cpus < 0:
-            raise ValueError(f"read_cpus={self.read_cpus} must be >= 0")
         if self.min_rows_per_file < 1:
             raise ValueError(f"min_rows_per_file={self.min_rows_per_file} must be >= 1")
 
@@ -132,10 +121,6 @@ class InferenceResult:
     """The ``_SUCCESS`` content."""
 
 
-def _fused(options: InferenceOptions, use_gpu: bool) -> bool:
-    return options.fuse_decode == "yes" or (options.fuse_decode == "auto" and not use_gpu)
-
-
 def _resources(options: InferenceOptions) -> tuple[bool, int]:
     import ray
 
@@ -149,12 +134,9 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
         concurrency = options.concurrency
     elif use_gpu:
         concurrency = max(1, gpus)
-    elif _fused(options, use_gpu):  # the actors do the decoding too: every CPU a read task leaves
-        concurrency = max(1, int((cpus - options.read_cpus) / options.cpus_per_actor + 1e-9))
     else:
         concurrency = max(1, int(cpus / (2 * options.cpus_per_actor)))
-    reserve = options.read_cpus if _fused(options, use_gpu) else 1.0
-    if concurrency * options.cpus_per_actor + reserve > cpus + 1e-9:
+    if concurrency * options.cpus_per_actor >= cpus:
         logger.warning(
             "%d model actors x %.1f CPUs reserve all %.0f CPUs of the cluster, leaving none for reading and "
             "decoding: the inference waits for the autoscaler to add CPUs (and never finishes on a fixed-size "
@@ -173,10 +155,8 @@ def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[
 
 
 def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: CheckpointRef, run_id: str,
-                       options: InferenceOptions, use_gpu: bool, concurrency: int, progress: Any = None,
-                       prepare: Any = None) -> None:
-    """Run ``concurrency`` Assigner actors over the evaluation stream ``ds`` (raw rows when ``prepare`` is given);
-    write their rows under ``staging_rel``."""
+                       options: InferenceOptions, use_gpu: bool, concurrency: int, progress: Any = None) -> None:
+    """Run ``concurrency`` Assigner actors over the evaluation stream ``ds``; write their rows under ``staging_rel``."""
     import ray.data
 
     ds = ds.map_batches(
@@ -184,7 +164,7 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
         fn_constructor_kwargs={
             "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
             "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
-            "progress": progress, "prepare": prepare,
+            "progress": progress,
         },
         batch_size=options.batch_size,
         batch_format="numpy",
@@ -194,18 +174,6 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
     )
     ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
                      min_rows_per_file=options.min_rows_per_file, compression="zstd")
-
-
-def _stream(storage: Storage, dataset: str, exp: ExperimentConfig, policy: Any, counter: Any,
-            shards: list[str] | None, options: InferenceOptions, use_gpu: bool) -> tuple[Any, Any]:
-    """The evaluation stream and the ``prepare`` of the Assigner actors: raw rows and ``EvalPrepare`` when
-    decoding is fused into the actors, else decoded images and None."""
-    from pipelines.dataset.streams import build_eval_dataset, build_eval_reader
-
-    if _fused(options, use_gpu):
-        return build_eval_reader(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards,
-                                 read_cpus=options.read_cpus)
-    return build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards), None
 
 
 def _model_fields(ref: CheckpointRef, exp: ExperimentConfig, options: InferenceOptions,
@@ -276,6 +244,7 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         new_bad_input_counter,
         verify_epoch,
     )
+    from pipelines.dataset.streams import build_eval_dataset
 
     exp, train_dataset, dataset = loaded.job.experiment, loaded.job.dataset, info.name
     out_rel = output_dir(run_id, name)
@@ -294,10 +263,9 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     failure: BadInputError | None = None
     ds: Any = None
     try:
-        ds, prepare = _stream(storage, dataset, exp, policy, counter, shards, options, use_gpu)
+        ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards)
         with inference_progress(f"inference of run {run_id}", expected) as progress:
-            _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, progress,
-                               prepare)
+            _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, progress)
         seconds = time.monotonic() - start
         rows = verify_staged(storage, staging_rel, info.num_samples)
         # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
@@ -334,7 +302,6 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         "images_per_s": round(rows / max(seconds, 1e-9), 1),
         "device": "gpu" if use_gpu else "cpu",
         "actors": concurrency,
-        "decode": "in the actors" if _fused(options, use_gpu) else "tasks",
         "skipped": {"count": expected - rows, "by_reason": bad.by_reason, "examples": bad.examples},
     }
     marker = publish(storage, out_rel, staging_rel, marker)

@@ -199,30 +199,6 @@ def test_inference_of_selected_shards_writes_only_their_rows(
     assert read_marker(storage, RUN)["scope"] == "all"
 
 
-@pytest.mark.ray
-def test_decoding_in_the_actors_writes_the_same_rows_and_counts_bad_input(
-        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
-    """``fuse_decode=yes``: the Assigner actors decode the raw rows themselves; the rows equal those of the decode
-    tasks, and a bad image within the budget is skipped and counted in ``_SUCCESS`` the same way."""
-    storage, _ = lake
-    fused = run_inference(storage, RUN, output_name="fused", options=InferenceOptions(batch_size=32, fuse_decode="yes"))
-    assert fused.rows == N and fused.marker["decode"] == "in the actors" and published.marker["decode"] == "tasks"
-    ours = pd.read_parquet(storage.path("runs", RUN, "fused")).set_index("sample_index").sort_index()
-    base = pd.read_parquet(storage.path("runs", RUN, "assignments")).set_index("sample_index").sort_index()
-    columns = [c for c in base.columns if c.startswith(("cluster_", "similarity_", "confidence_"))] + [
-        "key", "shard", "source"]
-    pd.testing.assert_frame_equal(ours[columns], base[columns])
-
-    make_dataset(storage, "one-bad", 40, shard_size=20, seed=4)
-    _corrupt_one_image(storage, "one-bad", "shard-000000.tar", 2)
-    result = run_inference(storage, RUN, dataset="one-bad",
-                           options=InferenceOptions(batch_size=8, fuse_decode="yes", max_bad_fraction=0.05))
-    assert result.rows == 39
-    assert result.marker["skipped"]["count"] == 1 and result.marker["skipped"]["by_reason"] == {"undecodable": 1}
-    frame = pd.read_parquet(storage.path("runs", RUN, "assignments-one-bad"))
-    assert sorted(frame["sample_index"]) == [i for i in range(40) if i != 2]
-
-
 def ray_cluster_address() -> str:
     import ray
 
