@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from secu import distributed
-from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.method import (
     Assignment,
@@ -82,10 +81,8 @@ class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
         """``secu_step`` on the two views, then one optimizer step at this iteration's lr and clr."""
         t = self._schedule_index()
         set_learning_rates(self.optimizer, float(self.lrs[t]), float(self.clrs[t]))
-        mean, std = self.exp.augment.mean, self.exp.augment.std
         ids = batch["sample_index"].long()
-        view1 = normalize(batch["view1"].to(self.device, non_blocking=True), mean, std)
-        view2 = normalize(batch["view2"].to(self.device, non_blocking=True), mean, std)
+        view1, view2 = normalized_views(batch, self.exp.augment.mean, self.exp.augment.std, self.device)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             result = secu_step(self.net, view1, view2, ids.to(self.device), stored_HB.to(self.device),
                                self.snapshot, self.state, self.exp.secu)

@@ -72,6 +72,13 @@ def _assign(cost_BK: torch.Tensor, head: int, prev_B: torch.Tensor, state: Clust
     return constraints.entropy_assign(cost_BK, state.counters[head], cfg.alpha, prev_B)
 
 
+def _assign_heads(cost_BK: list[torch.Tensor], prev_HB: torch.Tensor, state: ClusterState,
+                  cfg: SeCuConfig) -> torch.Tensor:
+    """The labels int64 [H, B] of every head under the constraint, on the costs' device."""
+    return torch.stack([_assign(cost_BK[h], h, prev_HB[h], state, cfg).to(prev_HB.device)
+                        for h in range(cfg.num_heads)])
+
+
 def _update_state(head: int, new_G: torch.Tensor, prev_G: torch.Tensor, state: ClusterState,
                   cfg: SeCuConfig) -> tuple[torch.Tensor, torch.Tensor]:
     counters, duals = state.counters[head], state.duals[head]
@@ -130,9 +137,7 @@ def secu_step(
     cost_BK = costs(out)
 
     # 3.2: new labels on this rank against the current (global, identical) state.
-    labels_HB = torch.stack(
-        [_assign(cost_BK[h], h, prev_HB[h], state, cfg).to(device) for h in range(heads)]
-    )
+    labels_HB = _assign_heads(cost_BK, prev_HB, state, cfg)
 
     write_mask_B, new_state, largest_share_H = _gather_and_update(sample_index_B, prev_HB, labels_HB, state, cfg)
 
@@ -173,10 +178,8 @@ def secu_label_step(
     Returns:
         This rank's new labels int64 [H, B], its write mask [B] and the state after the counter update.
     """
-    heads, device = cfg.num_heads, view1.device
-    prev_HB = prev_labels_HB.to(device=device, dtype=torch.long)
-    cost_BK = costs(net(view1, view2))
-    labels_HB = torch.stack([_assign(cost_BK[h], h, prev_HB[h], state, cfg).to(device) for h in range(heads)])
+    prev_HB = prev_labels_HB.to(device=view1.device, dtype=torch.long)
+    labels_HB = _assign_heads(costs(net(view1, view2)), prev_HB, state, cfg)
     write_mask_B, updated, _ = _gather_and_update(sample_index_B, prev_HB, labels_HB, state, cfg)
     return labels_HB, write_mask_B, ClusterState(counters=updated.counters, duals=[d.clone() for d in state.duals])
 

@@ -26,7 +26,7 @@ import ray
 
 from pipelines.training.coordinator_actor import ClusterCoordinatorActor
 from pipelines.training.coordinator_state import CoordinatorState, per_head, validate_ks
-from pipelines.training.id_ranges import as_ids, resolve_label_fetch, route, shard_ranges
+from pipelines.training.id_ranges import as_ids, check_in_range, resolve_label_fetch, route, shard_ranges
 from pipelines.training.label_pages import DEFAULT_MAX_PAGES, DEFAULT_PAGE_IDS, LabelPages
 from pipelines.training.memory import ShardStats, StaleEpochError, as_labels, combine_stats
 
@@ -73,14 +73,12 @@ class CoordinatorClient:
             raise ValueError(f"{len(handles)} actor handles for {len(ranges)} id ranges")
         if flush_every < 1:
             raise ValueError(f"flush_every={flush_every} must be >= 1")
-        if page_ids < 1 or max_pages < 1:
-            raise ValueError(f"page_ids={page_ids} and max_pages={max_pages} must be >= 1")
         self._handles = list(handles)
         self._ranges = [(int(lo), int(hi)) for lo, hi in ranges]
         self._ks = validate_ks(ks)
         self._flush_every = int(flush_every)
         self._fetch = resolve_label_fetch(label_fetch, self._ranges[-1][1], self._ks)
-        self._page_ids, self._max_pages = int(page_ids), int(max_pages)
+        self._pages = LabelPages(page_ids, max_pages)
         self._reset_local()
 
     def _reset_local(self) -> None:
@@ -92,11 +90,11 @@ class CoordinatorClient:
         self._written_rows = 0
         self._published_epoch: int | None = None
         self._published: list[np.ndarray] = []
-        self._pages = LabelPages(self._page_ids, self._max_pages)
+        self._pages.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"handles": self._handles, "ranges": self._ranges, "ks": self._ks, "flush": self._flush_every,
-                "fetch": self._fetch, "page_ids": self._page_ids, "max_pages": self._max_pages}
+                "fetch": self._fetch, "page_ids": self._pages.page_ids, "max_pages": self._pages.max_pages}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._handles = state["handles"]
@@ -104,7 +102,7 @@ class CoordinatorClient:
         self._ks = state["ks"]
         self._flush_every = state["flush"]
         self._fetch = state["fetch"]
-        self._page_ids, self._max_pages = state["page_ids"], state["max_pages"]
+        self._pages = LabelPages(state["page_ids"], state["max_pages"])
         self._reset_local()
 
     @classmethod
@@ -252,7 +250,6 @@ class CoordinatorClient:
             raise ValueError("labels_for before begin_epoch: call begin_epoch(epoch) at every epoch start")
         ids_B = as_ids(sample_index_B)
         if self._fetch == "pages":
-            assert self._published_epoch is not None
             return self._pages.lookup(ids_B, self._handles, self._ranges, self._published_epoch, len(self._ks))
         out_HB = np.empty((len(self._ks), ids_B.size), dtype=np.int64)
         for (lo, _), prev_HN, pos in zip(self._ranges, self._published, route(ids_B, self._ranges), strict=True):
@@ -263,9 +260,7 @@ class CoordinatorClient:
         """Buffers new labels; sends them without waiting once ``flush_every`` rows are buffered."""
         ids_B = as_ids(sample_index_B)
         labels_HB = as_labels(labels_HB, len(self._ks), ids_B.size)
-        lo, hi = self._ranges[0][0], self._ranges[-1][1]
-        if ids_B.size and (ids_B.min() < lo or ids_B.max() >= hi):  # fail here, not at the next flush
-            raise ValueError(f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{lo}, {hi})")
+        check_in_range(ids_B, self._ranges[0][0], self._ranges[-1][1])  # fail here, not at the next flush
         if self._buffer_epoch is not None and epoch != self._buffer_epoch:
             self._send()
         # Copies: callers often pass views of tensors that they reuse (``tensor.numpy()``).
@@ -360,4 +355,3 @@ class CoordinatorClient:
         """Kills the shard actors for good (driver, at the end of the run)."""
         for handle in self._handles:
             ray.kill(handle, no_restart=True)
-

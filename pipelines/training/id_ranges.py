@@ -28,6 +28,12 @@ def as_ids(sample_index_B: np.ndarray) -> np.ndarray:
     return ids_B.astype(np.int64, copy=False)
 
 
+def check_in_range(ids_B: np.ndarray, lo: int, hi: int) -> None:
+    """ValueError naming the ids and the range unless every id lies in [lo, hi)."""
+    if ids_B.size and (ids_B.min() < lo or ids_B.max() >= hi):
+        raise ValueError(f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{lo}, {hi})")
+
+
 def shard_ranges(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
     """Splits [0, num_samples) into ``num_shards`` contiguous ranges whose sizes differ by at most 1."""
     if num_shards < 1 or num_samples < num_shards:
@@ -41,10 +47,7 @@ def shard_ranges(num_samples: int, num_shards: int) -> list[tuple[int, int]]:
 def route(sample_index_B: np.ndarray, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """For each shard, the positions in the batch of the ids it owns (``ranges`` from ``shard_ranges``)."""
     ids_B = as_ids(sample_index_B)
-    if ids_B.size and (ids_B.min() < ranges[0][0] or ids_B.max() >= ranges[-1][1]):
-        raise ValueError(
-            f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{ranges[0][0]}, {ranges[-1][1]})"
-        )
+    check_in_range(ids_B, ranges[0][0], ranges[-1][1])
     starts = np.asarray([lo for lo, _ in ranges], dtype=np.int64)
     shard_B = np.searchsorted(starts, ids_B, side="right") - 1
     return [np.flatnonzero(shard_B == s) for s in range(len(ranges))]

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import ray
 
+from pipelines.training.id_ranges import check_in_range
+
 DEFAULT_PAGE_IDS = 1 << 16
 """Ids per page of a paged lookup (128 KiB per int16 head): several shards of ingest's 10,000 images."""
 
@@ -25,6 +27,8 @@ class LabelPages:
     """One client's page cache: ``lookup`` fetches missing pages in one round trip, then answers locally."""
 
     def __init__(self, page_ids: int = DEFAULT_PAGE_IDS, max_pages: int = DEFAULT_MAX_PAGES) -> None:
+        if page_ids < 1 or max_pages < 1:
+            raise ValueError(f"page_ids={page_ids} and max_pages={max_pages} must be >= 1")
         self.page_ids, self.max_pages = int(page_ids), int(max_pages)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.fetches = 0
@@ -43,9 +47,7 @@ class LabelPages:
                heads: int) -> np.ndarray:
         """Labels int64 [H, B] of ``ids_B`` in the previous epoch of ``epoch``, from the shards ``handles``
         owning ``ranges``; ``StaleEpochError`` (from a shard) when a page is missing and the shards are past it."""
-        lo, hi = ranges[0][0], ranges[-1][1]
-        if ids_B.size and (ids_B.min() < lo or ids_B.max() >= hi):
-            raise ValueError(f"ids out of range: [{ids_B.min()}, {ids_B.max()}] not inside [{lo}, {hi})")
+        check_in_range(ids_B, ranges[0][0], ranges[-1][1])
         page_B = ids_B // self.page_ids
         pages = np.unique(page_B)
         missing = [int(p) for p in pages if int(p) not in self._cache]

@@ -4,6 +4,7 @@ epoch does for any method, and SeCu's method resuming exactly from its ``state_d
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -190,3 +191,46 @@ def test_secu_method_assign_is_what_predict_publishes() -> None:
     assert np.allclose(got.confidence_HB.numpy(), confidence)
     assert got.similarity_HB.shape == (2, 12) and got.embedding_BD is not None
     assert labels.shape == (2, 12) and bool(((confidence > 0) & (confidence <= 1)).all())
+
+
+class LabelStepRecorder(PerBatchLossMethod):
+    """Records the short batches it was asked to label (and labels them all 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labelled: list[int] = []
+
+    def label_step(self, batch: Batch, stored_HB: torch.Tensor) -> StepOutput:
+        self.labelled.extend(batch["sample_index"].tolist())
+        return StepOutput(labels_HB=torch.zeros(1, batch["sample_index"].shape[0], dtype=torch.long))
+
+
+def _short_batch_rank(rank: int, world: int, port: int, sizes: tuple[int, int], out_path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        method, memory = LabelStepRecorder(), LocalMemory(N + 8, 1)
+        result = run_epoch(method, batches(N + sizes[rank]), memory, 0, batch_size=BATCH)
+        torch.save({"labelled": method.labelled, "labelled_only": result.labelled_only}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("sizes", "labelled"), [((3, 3), True), ((3, 5), False)])
+def test_ranks_label_their_short_batches_only_when_all_have_the_same_size(
+        sizes: tuple[int, int], labelled: bool, tmp_path: Any) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    out = str(tmp_path / "rank")
+    mp.spawn(_short_batch_rank, args=(2, port, sizes, out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["labelled_only"] == (sizes[rank] if labelled else 0)
+        assert len(got["labelled"]) == (sizes[rank] if labelled else 0)
