@@ -8,8 +8,10 @@ propagates with its traceback. ``--log-level DEBUG`` also logs the traceback of 
 from __future__ import annotations
 
 import argparse
+import linecache
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,7 +140,8 @@ def classify_error(err: BaseException) -> UserFailure | None:
     """The report of an error the user can fix, None for a bug (see the module docstring).
 
     User errors: ``LockHeldError`` (exit 3); ``BadInputError`` (the bad-input budget); ``FileNotFoundError``
-    (a missing dataset, run, checkpoint or config file); ``ValueError`` (a bad value or key); and storage
+    (a missing dataset, run, checkpoint or config file); ``ValueError`` raised by our own code (a bad value or
+    key: ``raised_by_our_code``; one raised inside numpy, torch or another library is a bug); and storage
     errors: ``PermissionError``, ``ConnectionError``, ``TimeoutError``, ``NotADirectoryError``,
     ``IsADirectoryError``, a full or read-only disk, pyarrow's S3 ``OSError`` ("AWS Error ...") and botocore's
     connection, credential and client errors (s3fs). Ray's wrappers (a failed task, Ray Data UDF or Train
@@ -156,7 +159,7 @@ def classify_error(err: BaseException) -> UserFailure | None:
         return UserFailure(EXIT_USER_ERROR, "damaged checkpoint", _one_paragraph(err))
     if isinstance(err, FileNotFoundError):
         return UserFailure(EXIT_USER_ERROR, "not found", _one_paragraph(err))
-    if isinstance(err, ValueError):
+    if isinstance(err, ValueError) and raised_by_our_code(err):
         return UserFailure(EXIT_USER_ERROR, "bad configuration", _one_paragraph(err))
     if isinstance(err, PermissionError | ConnectionError | TimeoutError | NotADirectoryError | IsADirectoryError):
         return UserFailure(EXIT_USER_ERROR, "storage", _one_paragraph(err))
@@ -167,6 +170,40 @@ def classify_error(err: BaseException) -> UserFailure | None:
     if isinstance(err, _botocore_errors()):
         return UserFailure(EXIT_USER_ERROR, "storage", f"{type(err).__name__}: {_one_paragraph(err)} ({_STORAGE_HINT})")
     return None
+
+
+_OUR_TOP_DIRS = ("secu", "pipelines", "jobs", "benchmarks", "tests")
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REMOTE_FRAME = re.compile(r'File "([^"]+)", line \d+, in [^\n]*\n[ \t]*([^\n]*)')
+
+
+def raised_by_our_code(err: BaseException) -> bool:
+    """Whether ``err`` comes from a ``raise`` statement in this repository's packages (``secu``, ``pipelines``,
+    ``jobs``, ...): those name a value or key to fix, while a ValueError from inside numpy, torch or another
+    library (a shape mismatch, also when our code made the call) is a bug whose traceback must show. Read from
+    the innermost frame; an error that crossed a process boundary keeps no traceback object, and then its
+    remote traceback text decides; with neither it counts as ours (the message is all there is)."""
+    tb = err.__traceback__
+    if tb is None:
+        return _remote_origin_ours(err)
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    return _our_raise(filename, linecache.getline(filename, tb.tb_lineno))
+
+
+def _remote_origin_ours(err: BaseException) -> bool:
+    """``raised_by_our_code`` from the remote traceback text a Ray wrapper carries (True without any)."""
+    frames = _REMOTE_FRAME.findall(f"{err}\n{getattr(err, 'traceback_str', '') or ''}")
+    return _our_raise(*frames[-1]) if frames else True
+
+
+def _our_raise(filename: str, line: str) -> bool:
+    try:
+        parts = Path(filename).resolve().relative_to(_REPO_ROOT).parts
+    except ValueError:  # outside the repository: a library, the standard library
+        return False
+    return bool(parts) and parts[0] in _OUR_TOP_DIRS and line.strip().startswith("raise")
 
 
 def _one_paragraph(err: BaseException) -> str:
@@ -193,6 +230,8 @@ def _is_ray_error(err: BaseException) -> bool:
 
 def _classify_ray_error(err: BaseException) -> UserFailure | None:
     for inner in inner_errors(err):
+        if isinstance(inner, ValueError) and inner.__traceback__ is None and not _remote_origin_ours(err):
+            continue  # raised inside a library on the remote side: a bug
         found = classify_error(inner)
         if found is not None:
             return found

@@ -65,6 +65,34 @@ def test_bugs_propagate(err: BaseException) -> None:
         run(raising(err))
 
 
+def test_a_value_error_from_inside_a_library_is_a_bug(caplog: pytest.LogCaptureFixture) -> None:
+    """Only our own ``raise`` of a ValueError names a setting to fix; numpy's, even on our call, is a bug."""
+    import numpy as np
+
+    def shape_bug(args: argparse.Namespace) -> int:
+        np.concatenate([np.zeros((2, 2)), np.zeros((2, 3))])
+        return 0
+
+    with pytest.raises(ValueError, match="dimensions"):
+        run(shape_bug)
+    with caplog.at_level(logging.ERROR):
+        assert run(raising(ValueError("optim.lr=-1 must be positive"))) == EXIT_USER_ERROR
+
+
+def test_a_remote_value_error_is_judged_by_its_traceback_text() -> None:
+    from ray.exceptions import RayTaskError
+
+    ours = (f'Traceback (most recent call last):\n  File "{REPO}/secu/overrides.py", line 25, in merge\n'
+            '    raise ValueError(\nValueError: unknown config key')
+    numpy = (f'Traceback (most recent call last):\n  File "{REPO}/secu/kmeans.py", line 9, in fit\n'
+             '    x = np.concatenate(parts)\nValueError: all the input array dimensions')
+    user = RayTaskError("f", ours, ValueError("unknown config key 'optim.nokey'")).as_instanceof_cause()
+    found = classify_error(user)
+    assert found is not None and found.kind == "bad configuration"
+    bug = RayTaskError("f", numpy, ValueError("all the input array dimensions")).as_instanceof_cause()
+    assert classify_error(bug) is None
+
+
 def test_interrupt_exits_130(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
         assert run(raising(KeyboardInterrupt())) == EXIT_INTERRUPTED
