@@ -69,20 +69,16 @@ def _imagenet1k(constraint: str) -> ExperimentConfig:
     )
 
 
-def _fashion_mnist_cpu(epochs: int = 12, warmup: int = 2, name: str = "fashion-mnist-cpu",
-                       batch: int = 128) -> ExperimentConfig:
+def _fashion_mnist_cpu(epochs: int = 12, warmup: int = 2, name: str = "fashion-mnist-cpu") -> ExperimentConfig:
     # A recipe choice for 2 CPU cores: a small CNN (width 16), three heads, short schedule. Same algorithm.
     # 12 epochs of the 60k train split take about 7 minutes with 2 Ray workers on 2 cores (docs/benchmarks.md).
-    # Batch 128, not the paper's 256: for the same images seen (the same CPU time) twice the optimizer steps;
-    # chosen by the share of stored labels still changing in the last epoch (0.127 at 128, 0.139 at 64,
-    # 0.147 at 256 on the 60k split; docs/benchmarks.md "Clustering quality"), not by labels.
     return ExperimentConfig(
         name=name,
         model=ModelConfig(backbone="small_cnn", in_channels=1, cnn_width=16, feat_dim=128),
         secu=SeCuConfig(ks=(10, 20, 30), constraint="size", tx=0.05, tw=0.05, tau=0.2,
                         dual_lr=0.1, lratio=0.9),
         optim=OptimConfig(optimizer="sgd", lr=0.2, clr=1.2, weight_decay=1e-4, epochs=epochs,
-                          warmup_epochs=warmup, batch_size=batch, mixed_precision=False),
+                          warmup_epochs=warmup, batch_size=256, mixed_precision=False),
         augment=AugmentConfig(image_size=28, min_crop=0.3, channels=1, mean=(0.2860,), std=(0.3530,),
                               jitter_p=0.8, grayscale_p=0.0),
     )
@@ -104,8 +100,7 @@ def _fashion_mnist_cpu_method(method: str) -> ExperimentConfig:
     # that the methods are compared on equal terms; the method's own settings are its config's defaults, and
     # the learning rate ProPos' published SGD rate (0.05) and, for DRC (no published code), the rate its
     # temperatures and lambda were chosen at without labels (0.1, secu.drc).
-    # Batch 256: the batch the methods were compared at (docs/benchmarks.md "Methods").
-    cfg = _fashion_mnist_cpu(name=f"fashion-mnist-cpu-{method}", batch=256)
+    cfg = _fashion_mnist_cpu(name=f"fashion-mnist-cpu-{method}")
     cfg.method = method
     if method in ("propos", "drc"):
         cfg.optim.lr = 0.05 if method == "propos" else 0.1

@@ -13,7 +13,7 @@ from secu.schedules import encoder_lr, lr_schedule
 
 
 def test_sixty_thousand_images_keep_the_cpu_recipe() -> None:
-    # 60,000 // 128 = 468 steps per epoch (>= 64), 5,616 steps (>= 2,500), warm-up 936 steps (>= 120).
+    # 60,000 // 256 = 234 steps per epoch (>= 64), 2,808 steps (>= 2,500), warm-up 234 steps (>= 120).
     exp = recipe("fashion-mnist-cpu")
     adapted = adapt_to_collection(exp, 60_000, num_workers=2)
     assert adapted.changes == []
@@ -28,20 +28,20 @@ def test_reference_recipes_at_their_size_are_unchanged(name: str) -> None:
 
 
 def test_two_thousand_images() -> None:
-    # 2000 // 128 = 15 < 64 -> 64 (31); the floor is max(64, 2 * 30) = 64, so it stops at 64.
+    # 2000 // 256 = 7 < 64 -> 128 (15) -> 64 (31); the floor is max(64, 2 * 30) = 64, so it stops at 64.
     # 31 steps per epoch: warm-up 1 + ceil(120 / 31) = 5 epochs; epochs max(12, ceil(2500 / 31) = 81, 5 + 10).
     adapted = adapt_to_collection(recipe("fashion-mnist-cpu"), 2000, num_workers=2)
     o = adapted.experiment.optim
     assert (o.batch_size, o.epochs, o.warmup_epochs) == (64, 81, 5)
     assert any("2511 steps in all" in c for c in adapted.changes)
-    assert "optim.batch_size 128 -> 64" in adapted.describe(2000)
+    assert "optim.batch_size 256 -> 64" in adapted.describe(2000)
 
 
 def test_batch_floor_follows_the_largest_head_and_the_workers() -> None:
     exp = apply_overrides(recipe("fashion-mnist-cpu"), ["secu.ks=[10,100]"])
-    assert adapt_to_collection(exp, 500, num_workers=1).experiment.optim.batch_size == 128  # floor 200
+    assert adapt_to_collection(exp, 500, num_workers=1).experiment.optim.batch_size == 256  # floor 200
     exp = apply_overrides(recipe("fashion-mnist-cpu"), ["adapt.min_batch=2", "secu.ks=[3]"])
-    # floor max(2, 2 * 3, 2 * 3 workers) = 6: 128 -> ... -> 8 (300 // 8 = 37 < 64, but 4 < 6), then a
+    # floor max(2, 2 * 3, 2 * 3 workers) = 6: 256 -> ... -> 8 (300 // 8 = 37 < 64, but 4 < 6), then a
     # multiple of the 3 workers: 6.
     assert adapt_to_collection(exp, 300, num_workers=3).experiment.optim.batch_size == 6
 
