@@ -29,6 +29,7 @@ import logging
 import re
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -185,6 +186,51 @@ def read_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME,
         infer_layout(table.schema)  # a sanity check that this is an assignment table
         return table
     return table.select(columns)
+
+
+def read_assignment_rows(storage: Storage, run_id: str, name: str, column: str, rows: np.ndarray) -> pa.Array:
+    """``column`` at row positions ``rows`` (of ``read_assignments``' order, in the order given), reading only
+    the Parquet row groups that hold them: the report's map takes a few thousand embeddings of an output that
+    may hold a billion rows (512 bytes each at D = 128), where reading the whole column would not fit.
+
+    Raises:
+        FileNotFoundError: If the output is not published or a listed file is gone.
+        ValueError: If ``column`` is unknown, a row is out of range, or the files disagree with ``_SUCCESS``.
+    """
+    marker = read_marker(storage, run_id, name)
+    out_rel = output_dir(run_id, name)
+    location = files_location(marker, out_rel)
+    declared = marker_schema(marker)
+    if column not in declared.names:
+        raise ValueError(f"{storage.uri(out_rel)} has no column {column!r}; it has {declared.names}")
+    rows = np.asarray(rows, dtype=np.int64)
+    total = int(marker["rows"])
+    if rows.size and (rows.min() < 0 or rows.max() >= total):
+        raise ValueError(f"rows {rows.min()}..{rows.max()} are outside the {total} rows of {storage.uri(out_rel)}")
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    pieces, offset = [], 0
+    for item in marker["files"]:
+        rel = join(location, item["path"])
+        if not storage.exists(rel):
+            raise FileNotFoundError(f"{storage.uri(rel)} is listed in {SUCCESS_FILE} but missing: read again "
+                                    "(a newer version was published meanwhile) or re-run the inference")
+        with storage.filesystem.open_input_file(storage.path(rel)) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                n = parquet.metadata.row_group(group).num_rows
+                lo, hi = np.searchsorted(wanted, [offset, offset + n])
+                if hi > lo:
+                    part = parquet.read_row_group(group, columns=[column]).column(column)
+                    pieces.append(part.take(pa.array(wanted[lo:hi] - offset)))
+                offset += n
+    if offset != total:
+        raise ValueError(f"{storage.uri(out_rel)}: the files hold {offset} rows but {SUCCESS_FILE} says {total}; "
+                         "re-run the inference")
+    taken = pa.chunked_array(pieces, type=declared.field(column).type).combine_chunks()
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return taken.take(pa.array(inverse))
 
 
 def _with_source_from_manifest(storage: Storage, table: pa.Table, marker: dict[str, Any]) -> pa.Table:

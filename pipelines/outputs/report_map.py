@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.dataset.decode import decode_image
-from pipelines.outputs.assignments import read_assignments
+from pipelines.outputs.assignments import read_assignment_rows
 from pipelines.outputs.schema import EMBEDDING_COLUMN
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import checkpoint_at, load_checkpoint
@@ -86,12 +86,10 @@ def sample_rows(pred_N: np.ndarray, k: int, points: int, seed: int, floor: int =
 
 
 def embeddings_from_column(storage: Storage, run_id: str, name: str, rows: np.ndarray) -> np.ndarray:
-    """The published ``embedding`` of ``rows`` (float32 N x D)."""
-    table = read_assignments(storage, run_id, name, columns=[EMBEDDING_COLUMN])
-    column = table[EMBEDDING_COLUMN].combine_chunks()
+    """The published ``embedding`` of ``rows`` (float32 N x D), read from the row groups that hold them only."""
+    column = read_assignment_rows(storage, run_id, name, EMBEDDING_COLUMN, rows)
     dim = column.type.list_size
-    flat = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return np.asarray(flat[rows], dtype=np.float32)
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)
 
 
 class CheckpointEmbedder:

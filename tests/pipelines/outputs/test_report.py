@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipelines.dataset.info import load_dataset_info, read_manifest
-from pipelines.outputs.assignments import output_dir
+from pipelines.outputs.assignments import output_dir, read_assignment_rows
 from pipelines.outputs.publish import new_attempt, publish, staging_dir
 from pipelines.outputs.report import ReportOptions, build_report
 from pipelines.outputs.schema import (
@@ -227,12 +227,19 @@ def test_map_from_the_embedding_column(tmp_path: Path) -> None:
             "checkpoint_epoch": pa.array(np.full(n, 1, np.int32))}
     out_rel = output_dir("e")
     staging = staging_dir(out_rel, new_attempt())
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_arrays([cols[c] for c in schema.names], schema=schema), buf)
-    storage.write_bytes_atomic(join(staging, "x_000000.parquet"), buf.getvalue())
+    table = pa.Table.from_arrays([cols[c] for c in schema.names], schema=schema)
+    for i, (lo, hi) in enumerate([(0, 37), (37, 60)]):  # two files of row groups of 8 rows
+        buf = io.BytesIO()
+        pq.write_table(table.slice(lo, hi - lo), buf, row_group_size=8)
+        storage.write_bytes_atomic(join(staging, f"x_{i:06d}.parquet"), buf.getvalue())
     publish(storage, out_rel, staging, {"run_id": "e", "name": "assignments", "schema_version": SCHEMA_VERSION,
                                         "dataset": "tiny", "train_dataset": "tiny", "checkpoint": "hand-made",
                                         "checkpoint_epoch": 1, "num_heads": 1, "ks": [3], "embedding_dim": 8})
+    rows = np.array([59, 3, 36, 37, 3, 0, 44])  # unsorted, repeated, both sides of a file and a group boundary
+    taken = read_assignment_rows(storage, "e", "assignments", EMBEDDING_COLUMN, rows)
+    assert np.array_equal(taken.flatten().to_numpy().reshape(-1, 8), emb[rows])
+    with pytest.raises(ValueError, match="outside the 60 rows"):
+        read_assignment_rows(storage, "e", "assignments", EMBEDDING_COLUMN, np.array([60]))
 
     result = build_report(storage, "e", options=ReportOptions(map_layout="pca"))
 
