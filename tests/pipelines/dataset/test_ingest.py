@@ -372,3 +372,22 @@ def test_a_dataset_ingested_without_names_gets_them_when_the_labels_line_up(tmp_
     ingest(st, "e", open_source(f"idx:{tmp_path / 'other'}", label_names=other, split="test"), INLINE)
     info = load_dataset_info(st, "e")
     assert info.label_names is None and info.num_samples == 16  # "none of its samples come from this source"
+
+
+def test_another_collection_with_the_same_file_names_is_refused_not_skipped(tmp_path: Path) -> None:
+    """MNIST and Fashion-MNIST share their IDX file names, so their ids (idx:train:N) collide: the stored
+    images are compared before the present ids are skipped."""
+    write_idx_dataset(tmp_path / "fm", 10, 2)
+    other = tmp_path / "mnist"
+    write_idx_dataset(other, 10, 2)
+    (other / "train-images-idx3-ubyte.gz").unlink()
+    from tests.fixtures import fake_images, write_idx
+
+    write_idx(other / "train-images-idx3-ubyte", fake_images(10, seed=7))  # same names, other pixels
+    st = Storage(str(tmp_path / "store"))
+    assert ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}", split="train"), INLINE).added == 10
+    with pytest.raises(ValueError, match="another collection with the same file names.*--dataset NAME"):
+        ingest(st, "d", open_source(f"idx:{other}", split="train"), INLINE, source_spec=f"idx:{other}")
+    assert load_dataset_info(st, "d").num_samples == 10
+    again = ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}", split="train"), INLINE)  # the same folder
+    assert (again.added, again.already_present) == (0, 10)
