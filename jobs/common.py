@@ -199,11 +199,13 @@ def _remote_origin_ours(err: BaseException) -> bool:
 
 
 def _our_raise(filename: str, line: str) -> bool:
-    try:
-        parts = Path(filename).resolve().relative_to(_REPO_ROOT).parts
-    except ValueError:  # outside the repository: a library, the standard library
+    """Whether ``line`` is a ``raise`` in one of our files. A file is ours when a tail of its path that starts at
+    one of our package folders is a file of this copy of the code: that holds here, and for the paths of another
+    process or node (Ray's uploaded working directory of a submitted job, another site-packages)."""
+    if not line.strip().startswith("raise"):
         return False
-    return bool(parts) and parts[0] in _OUR_TOP_DIRS and line.strip().startswith("raise")
+    parts = Path(filename).parts
+    return any(part in _OUR_TOP_DIRS and _REPO_ROOT.joinpath(*parts[i:]).is_file() for i, part in enumerate(parts))
 
 
 def _one_paragraph(err: BaseException) -> str:

@@ -89,6 +89,9 @@ def test_a_remote_value_error_is_judged_by_its_traceback_text() -> None:
     user = RayTaskError("f", ours, ValueError("unknown config key 'optim.nokey'")).as_instanceof_cause()
     found = classify_error(user)
     assert found is not None and found.kind == "bad configuration"
+    uploaded = ours.replace(str(REPO), "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_ab12")
+    found = classify_error(RayTaskError("f", uploaded, ValueError("unknown config key")).as_instanceof_cause())
+    assert found is not None, "a submitted job's workers run our code from Ray's uploaded copy"
     bug = RayTaskError("f", numpy, ValueError("all the input array dimensions")).as_instanceof_cause()
     assert classify_error(bug) is None
 
