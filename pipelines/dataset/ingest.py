@@ -29,6 +29,7 @@ Shard format and writing: ``pipelines.dataset.shards``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -55,7 +56,7 @@ from pipelines.dataset.info import (
     sample_key,
 )
 from pipelines.dataset.label_names import merge_label_names
-from pipelines.dataset.same_source import check_present_items_match
+from pipelines.dataset.same_source import CHECKED_ITEMS, check_present_items_match
 from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
 from pipelines.dataset.sources import ArraySource, FileTreeSource, Source, SourceItem
 from pipelines.run_lock import LockHeldError, StorageLock
@@ -240,8 +241,8 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
         new_items = [it for it in candidates if it.source_id not in present]
         already = len(candidates) - len(new_items)
         if isinstance(source, ArraySource) and already:  # ids without the folder: same images, or refuse
-            check_present_items_match(storage, info, manifest, source,
-                                      [it for it in candidates if it.source_id in present], source_spec)
+            first_present = list(itertools.islice((it for it in candidates if it.source_id in present), CHECKED_ITEMS))
+            check_present_items_match(storage, info, manifest, source, first_present, already, source_spec)
         logger.info("ingest %s <- %s: %d items, %d already in the dataset, %d new", dataset,
                     source_spec or type(source).__name__, len(candidates), already, len(new_items))
         label_names, label_map = merge_label_names(info, source.label_names,

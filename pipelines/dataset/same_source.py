@@ -25,22 +25,22 @@ from pipelines.dataset.sources import ArraySource, SourceItem
 from pipelines.storage import Storage, join
 
 CHECKED_ITEMS = 3
-"""Present items compared per ingest (spread over the present ones, within one shard: one shard read)."""
+"""Present items compared per ingest: the first ones, those in the first one's shard (one shard read)."""
 
 
 def check_present_items_match(storage: Storage, info: DatasetInfo, manifest: pa.Table, source: ArraySource,
-                              present: Sequence[SourceItem], source_spec: str = "") -> int:
-    """Compare up to ``CHECKED_ITEMS`` of ``present`` (items of ``source`` whose ids the dataset holds) with
-    their stored images; returns how many were compared.
+                              first_present: Sequence[SourceItem], present: int, source_spec: str = "") -> int:
+    """Compare the first ``CHECKED_ITEMS`` of ``first_present`` (items of ``source`` whose ids the dataset
+    holds, ``present`` in all) that share the first one's shard with their stored images; returns how many
+    were compared.
 
     Raises:
         ValueError: A stored image differs from the source's: another source of the same format and file
             names (ids that do not name their folder), whose images would otherwise be skipped unseen.
     """
-    if not present:
+    picks = list(first_present[:CHECKED_ITEMS])
+    if not picks:
         return 0
-    step = max(1, len(present) // CHECKED_ITEMS)
-    picks = list(present[::step][:CHECKED_ITEMS])
     rows = manifest.filter(pc.is_in(manifest["source"], value_set=pa.array([it.source_id for it in picks])))
     where = {s: (shard, key) for s, shard, key in zip(rows["source"].to_pylist(), rows["shard"].to_pylist(),
                                                        rows["key"].to_pylist(), strict=True)}
@@ -58,7 +58,7 @@ def check_present_items_match(storage: Storage, info: DatasetInfo, manifest: pa.
             compared += 1
             if not np.array_equal(stored, source.rows([int(item.ref)])[0]):
                 raise ValueError(
-                    f"dataset {info.name!r} already holds {item.source_id!r} (and {len(present) - 1} more ids of "
+                    f"dataset {info.name!r} already holds {item.source_id!r} (and {present - 1} more ids of "
                     f"this source), but its stored image differs from {source_spec or source.description}'s: "
                     f"{source.kind} ids name the split and row only, not the folder, so this is another "
                     f"collection with the same file names (MNIST and Fashion-MNIST share theirs) and its images "

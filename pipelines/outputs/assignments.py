@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -164,13 +165,7 @@ def read_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME,
     if fill_source and wanted is not None and "sample_index" not in wanted:
         wanted.append("sample_index")
     tables = []
-    for item in marker["files"]:
-        rel = join(location, item["path"])
-        if not storage.exists(rel):
-            raise FileNotFoundError(
-                f"{storage.uri(rel)} is listed in {SUCCESS_FILE} but missing: two newer versions were published "
-                "while this read ran, or the output was modified by hand; read again (or re-run the inference)"
-            )
+    for rel in _listed_files(storage, marker, location):
         with storage.filesystem.open_input_file(storage.path(rel)) as handle:
             tables.append(pq.read_table(handle, columns=wanted))
     schema = declared if wanted is None else pa.schema([declared.field(c) for c in wanted])
@@ -186,6 +181,18 @@ def read_assignments(storage: Storage, run_id: str, name: str = DEFAULT_NAME,
         infer_layout(table.schema)  # a sanity check that this is an assignment table
         return table
     return table.select(columns)
+
+
+def _listed_files(storage: Storage, marker: dict[str, Any], location: str) -> Iterator[str]:
+    """The storage paths of the files ``_SUCCESS`` lists, in its order; FileNotFoundError for one that is gone."""
+    for item in marker["files"]:
+        rel = join(location, item["path"])
+        if not storage.exists(rel):
+            raise FileNotFoundError(
+                f"{storage.uri(rel)} is listed in {SUCCESS_FILE} but missing: two newer versions were published "
+                "while this read ran, or the output was modified by hand; read again (or re-run the inference)"
+            )
+        yield rel
 
 
 def read_assignment_rows(storage: Storage, run_id: str, name: str, column: str, rows: np.ndarray) -> pa.Array:
@@ -210,11 +217,7 @@ def read_assignment_rows(storage: Storage, run_id: str, name: str, column: str, 
     order = np.argsort(rows, kind="stable")
     wanted = rows[order]
     pieces, offset = [], 0
-    for item in marker["files"]:
-        rel = join(location, item["path"])
-        if not storage.exists(rel):
-            raise FileNotFoundError(f"{storage.uri(rel)} is listed in {SUCCESS_FILE} but missing: read again "
-                                    "(a newer version was published meanwhile) or re-run the inference")
+    for rel in _listed_files(storage, marker, location):
         with storage.filesystem.open_input_file(storage.path(rel)) as handle:
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.num_row_groups):
