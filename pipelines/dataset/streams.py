@@ -3,8 +3,9 @@
 Pipeline (nothing is materialised; each epoch re-reads the shards):
 
 ```
-ShardDatasource(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch,
-                one read task per shard, its output split into blocks of ~ROWS_PER_BLOCK rows)
+ShardDatasource(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch, and
+                for training each shard's rows too (RowShuffle), one read task per shard, its output
+                split into blocks of ~ROWS_PER_BLOCK rows)
   -> map_batches "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
   -> map_batches "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
   -> map_batches "decoded_for_device" canvas (uint8 B x C x R x R), height, width, sample_index
@@ -23,7 +24,9 @@ keeps the whole samples before a damaged spot of a shard; shards that are gone o
 them are left out before reading (``pipelines.dataset.bad_input`` has the whole bad-input policy).
 
 Randomness: the shard order of each epoch comes from ``FileShuffleConfig(seed,
-reseed_after_execution=True)`` (reproducible per epoch, different between epochs). Augmentation
+reseed_after_execution=True)`` (reproducible per epoch, different between epochs), and the order of the
+samples inside each shard from ``RowShuffle(seed)`` (``pipelines.dataset.shard_reader``), so that a training
+batch is a new draw every epoch, not the same run of consecutive samples. Augmentation
 draws are seeded per batch from a per-process generator (seeded from ``seed``, the process id and the
 clock): torch's global generator starts from the same constant in every worker process, which would
 give every worker the same views. Views are therefore not reproducible run to run.
@@ -63,7 +66,7 @@ from ray.data import FileShuffleConfig
 from pipelines.dataset.bad_input import BadInputError, BadInputPolicy, new_bad_input_counter
 from pipelines.dataset.decode import decode
 from pipelines.dataset.info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info
-from pipelines.dataset.shard_reader import ShardDatasource
+from pipelines.dataset.shard_reader import RowShuffle, ShardDatasource
 from pipelines.storage import Storage, join
 from secu.augment import EvalTransform, eval_batch
 from secu.batch_augment import BatchTwoViewAugment, canvas_side, to_canvas
@@ -279,7 +282,7 @@ def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
 
 
 def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
-                     shuffle: FileShuffleConfig | None) -> ray.data.Dataset:
+                     shuffle: FileShuffleConfig | None, rows: RowShuffle | None = None) -> ray.data.Dataset:
     # override_num_blocks = shards x split: Ray still runs exactly one read task per shard (a failing
     # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
     largest = max(s.count for s in plan.info.shards)
@@ -291,6 +294,7 @@ def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy:
         counter=plan.counter,
         filesystem=storage.filesystem,
         shuffle=shuffle,
+        row_shuffle=rows,
     )
     ds = ray.data.read_datasource(source, override_num_blocks=len(plan.paths) * split)
     ds.context.max_errored_blocks = plan.max_errored_blocks
@@ -315,7 +319,7 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
         storage: Where the dataset lives.
         dataset: Dataset name under ``<storage>/datasets``.
         augment: View settings (size, channels, probabilities).
-        seed: Seeds the per-epoch shard order (and the augmentation streams, see the module doc).
+        seed: Seeds the per-epoch shard and sample order (and the augmentation streams, see the module doc).
         policy: Bad-input policy (default ``BadInputPolicy()``).
         counter: A ``BadInputCounter`` to report into (to read its report or pass it to
             ``verify_epoch``); one is created when None.
@@ -331,7 +335,7 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
     policy = policy or BadInputPolicy()
     plan = plan_dataset(storage, dataset, policy, counter)
     ds = _read_and_decode(storage, plan, augment.channels, policy,
-                          FileShuffleConfig(seed=seed, reseed_after_execution=True))
+                          FileShuffleConfig(seed=seed, reseed_after_execution=True), RowShuffle(seed))
     cfg_json = json.dumps(asdict(augment))
     if not views:
         return ds.map_batches(cast(Any, train_images), batch_size=DECODE_BATCH, batch_format="numpy",
