@@ -29,7 +29,6 @@ Shard format and writing: ``pipelines.dataset.shards``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import random
 import time
@@ -56,7 +55,7 @@ from pipelines.dataset.info import (
     sample_key,
 )
 from pipelines.dataset.label_names import merge_label_names
-from pipelines.dataset.same_source import CHECKED_ITEMS, check_present_items_match
+from pipelines.dataset.same_source import check_present_items_match
 from pipelines.dataset.shards import ShardPlan, ShardWritten, write_shard
 from pipelines.dataset.sources import ArraySource, FileTreeSource, Source, SourceItem
 from pipelines.run_lock import LockHeldError, StorageLock
@@ -241,8 +240,10 @@ def ingest(storage: Storage, dataset: str, source: Source, options: IngestOption
         new_items = [it for it in candidates if it.source_id not in present]
         already = len(candidates) - len(new_items)
         if isinstance(source, ArraySource) and already:  # ids without the folder: same images, or refuse
-            first_present = list(itertools.islice((it for it in candidates if it.source_id in present), CHECKED_ITEMS))
-            check_present_items_match(storage, info, manifest, source, first_present, already, source_spec)
+            first_present = (it for it in candidates if it.source_id in present)
+            if not check_present_items_match(storage, info, manifest, source, first_present, already, source_spec):
+                logger.warning("ingest %s: none of the %d items already present could be compared with its stored "
+                               "image (its shard is damaged?), so they are skipped unchecked", dataset, already)
         logger.info("ingest %s <- %s: %d items, %d already in the dataset, %d new", dataset,
                     source_spec or type(source).__name__, len(candidates), already, len(new_items))
         label_names, label_map = merge_label_names(info, source.label_names,

@@ -11,7 +11,8 @@ sources are not checked: their ids are absolute paths or ``s3://`` keys.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -25,20 +26,20 @@ from pipelines.dataset.sources import ArraySource, SourceItem
 from pipelines.storage import Storage, join
 
 CHECKED_ITEMS = 3
-"""Present items compared per ingest: the first ones, those in the first one's shard (one shard read)."""
+"""Present items compared per ingest: the first ones, those of them in the first one's shard (one shard read)."""
 
 
 def check_present_items_match(storage: Storage, info: DatasetInfo, manifest: pa.Table, source: ArraySource,
-                              first_present: Sequence[SourceItem], present: int, source_spec: str = "") -> int:
+                              first_present: Iterable[SourceItem], present: int, source_spec: str = "") -> int:
     """Compare the first ``CHECKED_ITEMS`` of ``first_present`` (items of ``source`` whose ids the dataset
     holds, ``present`` in all) that share the first one's shard with their stored images; returns how many
-    were compared.
+    were compared (0: none could be, e.g. the shard is damaged where they are).
 
     Raises:
         ValueError: A stored image differs from the source's: another source of the same format and file
             names (ids that do not name their folder), whose images would otherwise be skipped unseen.
     """
-    picks = list(first_present[:CHECKED_ITEMS])
+    picks = list(itertools.islice(first_present, CHECKED_ITEMS))
     if not picks:
         return 0
     rows = manifest.filter(pc.is_in(manifest["source"], value_set=pa.array([it.source_id for it in picks])))

@@ -119,8 +119,11 @@ def _image_size(sample: dict[str, Any]) -> int:
     return len(sample.get(IMAGE_FIELD) or b"")
 
 
-def _blocks(rows: list[dict[str, Any]]) -> Iterator[pa.Table]:
-    """``rows`` in order, as blocks of at most ``_BLOCK_ROWS`` rows and about ``_BLOCK_BYTES`` of images."""
+def _blocks(rows: list[dict[str, Any]], rng: np.random.Generator | None) -> Iterator[pa.Table]:
+    """``rows`` (permuted by ``rng`` when given) as blocks of at most ``_BLOCK_ROWS`` rows and about
+    ``_BLOCK_BYTES`` of images."""
+    if rng is not None:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
     start, size = 0, 0
     for i, row in enumerate(rows):
         size += _image_size(row)
@@ -177,11 +180,6 @@ class ShardDatasource(FileBasedDatasource):
         return FileBasedDatasource.get_read_tasks(planned, parallelism, per_task_row_limit=per_task_row_limit,
                                                   data_context=data_context)
 
-    def _flush(self, rows: list[dict[str, Any]], rng: np.random.Generator | None) -> Iterator[pa.Table]:
-        if rng is not None and len(rows) > 1:
-            rows = [rows[i] for i in rng.permutation(len(rows))]
-        yield from _blocks(rows)
-
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         shard = os.path.basename(path)
         samples = ShardSamples(f, path, self._counts.get(shard))
@@ -195,7 +193,7 @@ class ShardDatasource(FileBasedDatasource):
             rows.append(sample)
             size += _image_size(sample)
             if len(rows) >= max_rows or size >= max_bytes:
-                yield from self._flush(rows, rng)
+                yield from _blocks(rows, rng)
                 rows, size = [], 0
         if samples.damage is not None:
             expected = self._counts.get(shard, samples.read)
@@ -206,4 +204,4 @@ class ShardDatasource(FileBasedDatasource):
             if self._counter is not None and missing:
                 ray.get(self._counter.cut_shard.remote(shard, reason, missing, samples.damage))
         if rows:
-            yield from self._flush(rows, rng)
+            yield from _blocks(rows, rng)

@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines.dataset.decode import decode_image
 from pipelines.dataset.info import MANIFEST_SCHEMA, load_dataset_info, load_manifest_labels, read_manifest
 from pipelines.dataset.ingest import IngestOptions, ingest
+from pipelines.dataset.same_source import CHECKED_ITEMS, check_present_items_match
 from pipelines.dataset.sources import ArraySource, load_cifar, load_stl10, open_source
 from pipelines.run_lock import LockHeldError, LockInfo, StorageLock
 from pipelines.storage import Storage
@@ -391,3 +392,7 @@ def test_another_collection_with_the_same_file_names_is_refused_not_skipped(tmp_
     assert load_dataset_info(st, "d").num_samples == 10
     again = ingest(st, "d", open_source(f"idx:{tmp_path / 'fm'}", split="train"), INLINE)  # the same folder
     assert (again.added, again.already_present) == (0, 10)
+    same = open_source(f"idx:{tmp_path / 'fm'}", split="train")
+    info = load_dataset_info(st, "d")
+    assert isinstance(same, ArraySource)  # the same images passed because they were compared, not unchecked
+    assert check_present_items_match(st, info, read_manifest(st, info), same, same.items, 10) == CHECKED_ITEMS
