@@ -51,7 +51,8 @@ class ModelConfig:
     cnn_width: int = 32
     """Base channel width of the small CNN backbone (CPU recipes only)."""
     sync_bn: bool = True
-    """Convert BatchNorm to SyncBatchNorm in multi-worker training."""
+    """Multi-worker training normalises BatchNorm over the global batch: SyncBatchNorm on GPUs,
+    ``secu.cross_rank_bn.CrossRankBatchNorm`` on CPU workers (gloo). False: each worker's own batch."""
 
     def __post_init__(self) -> None:
         _require(self.backbone in BACKBONES, f"model.backbone={self.backbone!r}: choose one of {BACKBONES}")

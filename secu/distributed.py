@@ -1,4 +1,5 @@
-"""Collective helpers: the only place in ``secu/`` that talks to ``torch.distributed``.
+"""Collective helpers: with ``secu.cross_rank_bn`` (BatchNorm over all ranks), the only places in ``secu/`` that
+talk to ``torch.distributed``.
 
 Every helper is the identity when no process group is initialised, so the algorithm runs unchanged
 in one process. Losses and solvers never call these; the training step gathers what they need and

@@ -52,6 +52,7 @@ from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.metrics_log import MetricsLog, progress
 from pipelines.training.warm_start import WarmStart
 from secu import distributed
+from secu.cross_rank_bn import convert_cross_rank_batchnorm
 from secu.diagnose import collapsed_heads, warn_if_duals_cycle
 from secu.epoch import EpochResult, run_epoch
 from secu.method import Batch, ClusteringMethod, EpochContext
@@ -118,12 +119,15 @@ def _quiet_ray_report_log() -> None:
 
 
 def _prepare_network(job: TrainJobConfig, world: int, device: torch.device) -> Callable[[nn.Module], nn.Module]:
-    """The DDP wrapper for ``ClusteringMethod.wrap_networks``: SyncBatchNorm on multi-GPU runs, then Ray's
-    ``prepare_model`` (device placement and DDP)."""
+    """The DDP wrapper for ``ClusteringMethod.wrap_networks``: with two or more workers and ``model.sync_bn``,
+    BatchNorm over the global batch (torch's SyncBatchNorm on GPUs, ``secu.cross_rank_bn`` on CPU workers,
+    where SyncBatchNorm refuses CPU tensors), then Ray's ``prepare_model`` (device placement and DDP)."""
     def wrap(net: nn.Module) -> nn.Module:
-        if world > 1 and job.experiment.model.sync_bn and device.type == "cuda":
-            # SyncBatchNorm needs GPU tensors; on CPU every worker keeps its own batch statistics.
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if world > 1 and job.experiment.model.sync_bn:
+            if device.type == "cuda":
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            else:
+                net = convert_cross_rank_batchnorm(net)
         return ray.train.torch.prepare_model(net)
     return wrap
 
