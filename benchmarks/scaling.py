@@ -17,6 +17,10 @@ machine, not the code, and the output says so.
 
     python -m benchmarks.scaling
     python -m benchmarks.scaling --quick     # 1 and 2 workers, 1 epoch, one round (smoke test only)
+    python -m benchmarks.scaling --workers 2 --compare-sync-bn   # + each W > 1 with cross-rank BatchNorm
+
+``--compare-sync-bn`` adds, for every W > 1, a variant with ``model.sync_bn_cpu=true`` (BatchNorm over the global
+batch on CPU workers, ``secu.cross_rank_bn``) in the same rounds, and reports its cost as the ratio of the two.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ NAME = "scaling"
 DATASET = "fm"
 
 
-def train_once(storage: Storage, workers: int, args: Any, counter: list[int]) -> Figures:
-    """One short training run with ``workers`` Ray Train workers; figures from its reported metrics."""
+def train_once(storage: Storage, workers: int, args: Any, counter: list[int], cross_rank_bn: bool = False) -> Figures:
+    """One short training run with ``workers`` Ray Train workers; figures from its reported metrics.
+    ``cross_rank_bn``: BatchNorm over the global batch (``model.sync_bn_cpu``), not each worker's own."""
     from pipelines.training.job_config import ComputeConfig, TrainJobConfig, apply_job_overrides
     from pipelines.training.trainer import run_training
     from secu.recipes import recipe
@@ -59,7 +64,8 @@ def train_once(storage: Storage, workers: int, args: Any, counter: list[int]) ->
         dataset=DATASET, run_id=run_id)
     # A throughput claim: the schedule is the benchmark's, never adapted to the data set's size.
     job = apply_job_overrides(job, ["optim.warmup_epochs=1", f"optim.epochs={args.epochs}",
-                                    f"optim.batch_size={args.batch_size}", "adapt.enabled=false"])
+                                    f"optim.batch_size={args.batch_size}", "adapt.enabled=false",
+                                    f"model.sync_bn_cpu={str(cross_rank_bn).lower()}"])
     with Stopwatch() as sw:
         outcome = run_training(job, storage)
     history = json.loads(storage.read_bytes(storage.join("runs", run_id, "train_history.json")))["epochs"]
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
     parser.add_argument("--cpus-per-worker", type=float, default=0.25, help="logical CPUs per training worker")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per training worker")
+    parser.add_argument("--compare-sync-bn", action="store_true",
+                        help="also run every W > 1 with cross-rank BatchNorm (model.sync_bn_cpu=true)")
     args = parser.parse_args(argv)
     if args.quick:
         args.workers = args.workers or [1, 2]
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(os.path.join(tmp, "root"))
         ingest_fashion_mnist(storage, DATASET, "train", n, shard_size=-(-n // 8))
         variants = {f"W{w}": (lambda w=w: train_once(storage, w, args, counter)) for w in workers}
+        if args.compare_sync_bn:
+            variants.update({f"W{w}-cross-rank-bn": (lambda w=w: train_once(storage, w, args, counter, True))
+                             for w in workers if w > 1})
         rounds = alternate(variants, args.repeats, args.warmup)
     import ray
 
@@ -119,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     result["raw"] = rounds.raw
     result["order"] = rounds.order
     result["scaling"] = scaling
+    result["sync_bn"] = {
+        f"W{w}": {"cross_rank_bn_images_per_s": summary[f"W{w}-cross-rank-bn"],
+                  "ratio_cross_rank_to_local": summary[f"W{w}-cross-rank-bn"]["median"] / summary[f"W{w}"]["median"]}
+        for w in workers if f"W{w}-cross-rank-bn" in summary}
     result["load"] = load.finish()
-    notes = []
+    notes = [f"W{w} BatchNorm over the global batch / per-worker: {v['ratio_cross_rank_to_local']:.3f}x "
+             f"({v['cross_rank_bn_images_per_s']['median']:.0f} vs {summary[f'W{w}']['median']:.0f} images/s)"
+             for w, v in ((k[1:], v) for k, v in result["sync_bn"].items())]
     over = [w for w in workers if scaling[f"W{w}"]["oversubscribed"]]
     if over:
         notes.append(f"OVERSUBSCRIBED: with W in {over}, W x {args.torch_threads} torch threads plus the data "

@@ -51,8 +51,12 @@ class ModelConfig:
     cnn_width: int = 32
     """Base channel width of the small CNN backbone (CPU recipes only)."""
     sync_bn: bool = True
-    """Multi-worker training normalises BatchNorm over the global batch: SyncBatchNorm on GPUs,
-    ``secu.cross_rank_bn.CrossRankBatchNorm`` on CPU workers (gloo). False: each worker's own batch."""
+    """Multi-GPU training normalises BatchNorm over the global batch (torch's SyncBatchNorm). False: each
+    worker normalises over its own part of the batch."""
+    sync_bn_cpu: bool = False
+    """Also on CPU workers (gloo): BatchNorm over the global batch with ``secu.cross_rank_bn``. Off by default:
+    on 2 CPU workers it cost about 40 % of the training throughput and did not raise the demo's ACC
+    (docs/benchmarks.md, "BatchNorm over the global batch on CPU workers"). Needs ``sync_bn``."""
 
     def __post_init__(self) -> None:
         _require(self.backbone in BACKBONES, f"model.backbone={self.backbone!r}: choose one of {BACKBONES}")
@@ -61,6 +65,8 @@ class ModelConfig:
         _require(self.hidden_dim >= 0, f"model.hidden_dim={self.hidden_dim} must be >= 0")
         _require(self.mlp in MLP_KINDS, f"model.mlp={self.mlp!r}: choose one of {MLP_KINDS}")
         _require(self.cnn_width > 0, f"model.cnn_width={self.cnn_width} must be positive")
+        _require(self.sync_bn or not self.sync_bn_cpu,
+                 "model.sync_bn_cpu=true needs model.sync_bn=true (or drop model.sync_bn_cpu)")
 
 
 @dataclass

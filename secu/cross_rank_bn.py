@@ -108,11 +108,14 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         if n_total < 2:
             raise ValueError(f"CrossRankBatchNorm: {n_total} value(s) per channel over all ranks; "
                              "batch statistics need at least 2 (use a larger batch)")
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is None or running_mean is None or running_var is None:  # track_running_stats is always on here
+            raise RuntimeError("CrossRankBatchNorm lost its running-statistics buffers")
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-            self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-            self.running_var.mul_(1 - factor).add_(var * (n_total / (n_total - 1)), alpha=factor)
+            tracked.add_(1)
+            factor = (1.0 / float(tracked)) if self.momentum is None else self.momentum
+            running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            running_var.mul_(1 - factor).add_(var * (n_total / (n_total - 1)), alpha=factor)
         return _CrossRankBatchNormFn.apply(input, self.weight, self.bias, mean, var, n_total, self.eps, self.group)
 
 

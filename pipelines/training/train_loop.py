@@ -52,6 +52,7 @@ from pipelines.training.job_config import TrainJobConfig
 from pipelines.training.metrics_log import MetricsLog, progress
 from pipelines.training.warm_start import WarmStart
 from secu import distributed
+from secu.config import ModelConfig
 from secu.cross_rank_bn import convert_cross_rank_batchnorm
 from secu.diagnose import collapsed_heads, warn_if_duals_cycle
 from secu.epoch import EpochResult, run_epoch
@@ -118,17 +119,22 @@ def _quiet_ray_report_log() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def convert_batchnorm(net: nn.Module, model: ModelConfig, world: int, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch when two or more workers train with ``model.sync_bn``: torch's
+    SyncBatchNorm on GPUs; on CPU workers (where SyncBatchNorm refuses CPU tensors) ``secu.cross_rank_bn``,
+    only with ``model.sync_bn_cpu``. Otherwise ``net`` unchanged: each worker's own batch statistics."""
+    if world < 2 or not model.sync_bn:
+        return net
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return convert_cross_rank_batchnorm(net) if model.sync_bn_cpu else net
+
+
 def _prepare_network(job: TrainJobConfig, world: int, device: torch.device) -> Callable[[nn.Module], nn.Module]:
-    """The DDP wrapper for ``ClusteringMethod.wrap_networks``: with two or more workers and ``model.sync_bn``,
-    BatchNorm over the global batch (torch's SyncBatchNorm on GPUs, ``secu.cross_rank_bn`` on CPU workers,
-    where SyncBatchNorm refuses CPU tensors), then Ray's ``prepare_model`` (device placement and DDP)."""
+    """The DDP wrapper for ``ClusteringMethod.wrap_networks``: ``convert_batchnorm``, then Ray's
+    ``prepare_model`` (device placement and DDP)."""
     def wrap(net: nn.Module) -> nn.Module:
-        if world > 1 and job.experiment.model.sync_bn:
-            if device.type == "cuda":
-                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            else:
-                net = convert_cross_rank_batchnorm(net)
-        return ray.train.torch.prepare_model(net)
+        return ray.train.torch.prepare_model(convert_batchnorm(net, job.experiment.model, world, device))
     return wrap
 
 

@@ -53,6 +53,8 @@ def test_overrides_are_typed_and_validated() -> None:
         apply_overrides(cfg, ["optim.epochs=abc"])
     with pytest.raises(ValueError, match="key.sub=value"):
         apply_overrides(cfg, ["optim.lr"])
+    with pytest.raises(ValueError, match="model.sync_bn_cpu=true needs model.sync_bn=true"):
+        apply_overrides(cfg, ["model.sync_bn_cpu=true"])  # cfg has sync_bn=false
 
 
 def test_bad_values_fail_with_the_field_named() -> None:

@@ -124,3 +124,19 @@ def test_conversion_shares_tensors_and_keeps_the_state_dict() -> None:
 def test_rejects_1d_input() -> None:
     with pytest.raises(ValueError, match="expects"):
         CrossRankBatchNorm(3)(torch.zeros(3))
+
+
+def test_trainer_converts_cpu_batchnorm_only_when_asked() -> None:
+    """CPU workers keep their own batch statistics unless ``model.sync_bn_cpu``; one worker is never converted."""
+    from pipelines.training.train_loop import convert_batchnorm
+    from secu.config import ModelConfig
+
+    def kinds(model: ModelConfig, world: int) -> set[type]:
+        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+        return {type(m) for m in convert_batchnorm(net, model, world, torch.device("cpu")).modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    assert kinds(ModelConfig(), 2) == {nn.BatchNorm2d, nn.BatchNorm1d}
+    assert kinds(ModelConfig(sync_bn_cpu=True), 1) == {nn.BatchNorm2d, nn.BatchNorm1d}
+    assert kinds(ModelConfig(sync_bn_cpu=True), 2) == {CrossRankBatchNorm}
+    assert kinds(ModelConfig(sync_bn=False), 2) == {nn.BatchNorm2d, nn.BatchNorm1d}
