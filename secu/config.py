@@ -55,8 +55,9 @@ class ModelConfig:
     worker normalises over its own part of the batch."""
     sync_bn_cpu: bool = False
     """Also on CPU workers (gloo): BatchNorm over the global batch with ``secu.cross_rank_bn``. Off by default:
-    on 2 CPU workers it cost about 40 % of the training throughput and did not raise the demo's ACC
-    (docs/benchmarks.md, "BatchNorm over the global batch on CPU workers"). Needs ``sync_bn``."""
+    on 2 CPU workers sharing 2 cores it cost about 36 % of the training throughput; it raised the demo's test ACC
+    at batch 128 (median 0.685 over 3 seeds) but not at 256 (docs/benchmarks.md, "BatchNorm over the global
+    batch on CPU workers"). Needs ``sync_bn``."""
 
     def __post_init__(self) -> None:
         _require(self.backbone in BACKBONES, f"model.backbone={self.backbone!r}: choose one of {BACKBONES}")
