@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                   "ratio_cross_rank_to_local": summary[f"W{w}-cross-rank-bn"]["median"] / summary[f"W{w}"]["median"]}
         for w in workers if f"W{w}-cross-rank-bn" in summary}
     result["load"] = load.finish()
-    notes = [f"W{w} BatchNorm over the global batch / per-worker: {v['ratio_cross_rank_to_local']:.3f}x "
-             f"({v['cross_rank_bn_images_per_s']['median']:.0f} vs {summary[f'W{w}']['median']:.0f} images/s)"
-             for w, v in ((k[1:], v) for k, v in result["sync_bn"].items())]
+    notes = [f"{w} BatchNorm over the global batch / per-worker: {v['ratio_cross_rank_to_local']:.3f}x "
+             f"({v['cross_rank_bn_images_per_s']['median']:.0f} vs {summary[w]['median']:.0f} images/s)"
+             for w, v in result["sync_bn"].items()]
     over = [w for w in workers if scaling[f"W{w}"]["oversubscribed"]]
     if over:
         notes.append(f"OVERSUBSCRIBED: with W in {over}, W x {args.torch_threads} torch threads plus the data "
