@@ -4,18 +4,22 @@ Pipeline (nothing is materialised; each epoch re-reads the shards):
 
 ```
 ShardDatasource(committed shards, explicit pyarrow fs, raw bytes, file order shuffled per epoch, and
-                for training each shard's rows too (RowShuffle), one read task per shard, its output
-                split into blocks of ~ROWS_PER_BLOCK rows)
-  -> map_batches "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
-  -> map_batches "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
-  -> map_batches "decoded_for_device" canvas (uint8 B x C x R x R), height, width, sample_index
-                                      [training, views on the device: the worker's device_views makes
-                                       view1, view2 from each batch]
-  -> map_batches "eval_transform"     image (uint8 C x S x S), sample_index, key, shard, label  [evaluation]
+                for training each shard's rows too (RowShuffle), one read task per shard)
+  -> "decode"             bytes -> uint8 H x W x C (channels of AugmentConfig), bad input counted
+  -> "augment_two_views"  view1, view2 (uint8 B x C x S x S), sample_index (int64)   [training]
+  -> "decoded_for_device" canvas (uint8 B x C x R x R), height, width, sample_index
+                          [training, views on the device: the worker's device_views makes
+                           view1, view2 from each batch]
+  -> "eval_transform"     image (uint8 C x S x S), sample_index, key, shard, label  [evaluation]
 ```
 
-The two map stages fuse into one Ray Data operator, so decoded (variable-size) pixels never enter
-the object store; only the compact encoded bytes and the fixed-size uint8 views do. Decoding (the
+The stages (``pipelines.dataset.stream_stages``) run in batches of ``DECODE_BATCH`` rows. With at least one
+shard per CPU of the cluster (``fuses_read``), decode and the last stage run inside the read tasks
+(``decode_and_transform``, one Ray Data operator: the encoded bytes never pass through the object store
+and there is no second round of tasks per block); with fewer shards the read's output is split into blocks
+of ~ROWS_PER_BLOCK rows and the two stages are ``map_batches`` stages that Ray fuses with each other, so
+several tasks share one shard's decoding. Either way decoded (variable-size) pixels never enter the object
+store; only the encoded bytes (unfused) and the fixed-size uint8 views do. Decoding (the
 ``decode`` stage, and how every PIL mode becomes uint8 pixels) is ``pipelines.dataset.decode``'s.
 
 Only shards listed in ``dataset.json`` are read (uncommitted shards of a failed ingest are ignored).
@@ -50,11 +54,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any, cast
 
 import numpy as np
@@ -67,19 +68,25 @@ from pipelines.dataset.bad_input import BadInputError, BadInputPolicy, new_bad_i
 from pipelines.dataset.decode import decode
 from pipelines.dataset.info import DatasetInfo, ShardInfo, dataset_dir, load_dataset_info
 from pipelines.dataset.shard_reader import RowShuffle, ShardDatasource
+from pipelines.dataset.stream_stages import (
+    DECODE_BATCH,
+    Stage,
+    augment_two_views,
+    decode_and_transform,
+    decoded_for_device,
+    eval_transform,
+    train_images,
+)
 from pipelines.storage import Storage, join
-from secu.augment import EvalTransform, eval_batch
-from secu.batch_augment import BatchTwoViewAugment, canvas_side, to_canvas
+from secu.batch_augment import BatchTwoViewAugment
 from secu.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
-DECODE_BATCH = 256
 ROWS_PER_BLOCK = 1024
 """Read output is split into blocks of about this many rows, so that decode + augment run as many small
 tasks (the first batch arrives after ~1,000 images, not after a whole 10,000-image shard)."""
 TRAIN_COLUMNS = ("view1", "view2", "sample_index")
-EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label", "source")
 DECODED_COLUMNS = ("canvas", "height", "width", "sample_index")
 
 __all__ = [
@@ -90,86 +97,6 @@ __all__ = [
     "device_views",
     "plan_dataset",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Data stages (dict[str, np.ndarray] -> dict[str, np.ndarray])
-# ---------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4)
-def _two_views(cfg_json: str) -> BatchTwoViewAugment:
-    return BatchTwoViewAugment(AugmentConfig(**json.loads(cfg_json)))
-
-
-@lru_cache(maxsize=4)
-def _eval_transform(cfg_json: str) -> EvalTransform:
-    return EvalTransform(AugmentConfig(**json.loads(cfg_json)))
-
-
-@lru_cache(maxsize=4)
-def _augment_config(cfg_json: str) -> AugmentConfig:
-    return AugmentConfig(**json.loads(cfg_json))
-
-
-@lru_cache(maxsize=1)
-def _process_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng([seed, os.getpid(), time.time_ns() & 0xFFFFFFFF])
-
-
-def _empty_views(cfg: AugmentConfig) -> np.ndarray:
-    return np.zeros((0, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
-
-
-def augment_two_views(batch: dict[str, np.ndarray], *, cfg_json: str, seed: int,
-                      weak_json: str | None = None) -> dict[str, np.ndarray]:
-    """Stage ``augment_two_views``: ``image`` -> ``view1``, ``view2`` (uint8 B x C x S x S), ``sample_index``
-    (the only columns left, so training iterates over tensors only). With ``weak_json`` (self-labeling),
-    ``view1`` is the first view of that weak augmentation and ``view2`` the second view of ``cfg_json``'s."""
-    aug = _two_views(cfg_json)
-    images = list(batch["image"])
-    if not images:
-        return {"view1": _empty_views(aug.cfg), "view2": _empty_views(aug.cfg),
-                "sample_index": np.zeros(0, dtype=np.int64)}
-    batch_seed = int(_process_rng(seed).integers(0, 2**62))
-    view1, view2 = aug(images, seed=batch_seed)
-    if weak_json is not None:
-        view1, _ = _two_views(weak_json)(images, seed=batch_seed + 1)
-    return {"view1": view1, "view2": view2, "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
-
-
-def eval_transform(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
-    """Stage ``eval_transform``: ``image`` -> deterministic uint8 C x S x S; ids, key, shard, label and source
-    (the image's original path or URI, from the shard's json) kept."""
-    transform = _eval_transform(cfg_json)
-    images = list(batch["image"])
-    out = {name: np.asarray(batch[name]) for name in EVAL_COLUMNS[1:]}
-    out["image"] = eval_batch(transform, images) if images else _empty_views(transform.cfg)
-    return out
-
-
-def train_images(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
-    """Stage ``train_images`` (methods that train on no views, PFCA): ``image`` -> the deterministic uint8
-    C x S x S of the evaluation transform and ``sample_index``, the only columns left."""
-    transform = _eval_transform(cfg_json)
-    images = list(batch["image"])
-    return {"image": eval_batch(transform, images) if images else _empty_views(transform.cfg),
-            "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
-
-
-def decoded_for_device(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[str, np.ndarray]:
-    """Stage ``decoded_for_device`` (views on the device): ``image`` -> ``canvas`` (uint8 B x C x R x R,
-    ``secu.batch_augment.to_canvas``), ``height`` and ``width`` (int64, the image inside the canvas) and
-    ``sample_index``, the only columns left."""
-    cfg = _augment_config(cfg_json)
-    side = canvas_side(cfg.image_size)
-    images = list(batch["image"])
-    made = [to_canvas(image, cfg.channels, side) for image in images]
-    canvas = (np.stack([c for c, _, _ in made]) if made
-              else np.zeros((0, cfg.channels, side, side), dtype=np.uint8))
-    return {"canvas": canvas, "height": np.array([h for _, h, _ in made], dtype=np.int64),
-            "width": np.array([w for _, _, w in made], dtype=np.int64),
-            "sample_index": np.asarray(batch["sample_index"], dtype=np.int64)}
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -281,12 +208,23 @@ def plan_dataset(storage: Storage, dataset: str, policy: BadInputPolicy,
                        max_errored_blocks=(budget - lost) // max(largest, 1), truncated=truncated)
 
 
-def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
-                     shuffle: FileShuffleConfig | None, rows: RowShuffle | None = None) -> ray.data.Dataset:
-    # override_num_blocks = shards x split: Ray still runs exactly one read task per shard (a failing
-    # shard loses only itself) and splits each task's output into `split` blocks (SplitBlocks).
+def fuses_read(plan: DatasetPlan) -> bool:
+    """Whether the stream runs decode and the transforms inside the read tasks (one Ray Data operator):
+    when the dataset has at least one shard per CPU of the cluster, so one task per shard keeps every
+    core busy. Fewer shards keep the read apart and split its output, so that several tasks share the
+    decoding of one shard."""
+    return len(plan.paths) >= max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _stream(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
+            shuffle: FileShuffleConfig | None, rows: RowShuffle | None, last: Stage) -> ray.data.Dataset:
+    """Read -> ``decode`` -> ``last``, fused into the read tasks or not (:func:`fuses_read`)."""
+    fused = fuses_read(plan)
+    # One read task per shard either way (a failing shard loses only itself). Unfused, override_num_blocks =
+    # shards x split also splits each task's output into `split` blocks (Ray's SplitBlocks), which Ray then
+    # never fuses with what follows.
     largest = max(s.count for s in plan.info.shards)
-    split = max(1, math.ceil(largest / ROWS_PER_BLOCK))
+    split = 1 if fused else max(1, math.ceil(largest / ROWS_PER_BLOCK))
     source = ShardDatasource(
         plan.paths,
         counts={s.name: s.count for s in plan.info.shards},
@@ -298,12 +236,17 @@ def _read_and_decode(storage: Storage, plan: DatasetPlan, channels: int, policy:
     )
     ds = ray.data.read_datasource(source, override_num_blocks=len(plan.paths) * split)
     ds.context.max_errored_blocks = plan.max_errored_blocks
+    decoding: Stage = (decode, {"channels": channels, "policy": policy, "shard_first": plan.shard_first,
+                                "counter": plan.counter})
     # casts: Ray types a UDF's batch as a union of formats; these stages take the numpy format they ask for.
-    return ds.map_batches(
-        cast(Any, decode), batch_size=DECODE_BATCH, batch_format="numpy",
-        fn_kwargs={"channels": channels, "policy": policy, "shard_first": plan.shard_first,
-                   "counter": plan.counter},
-    )
+    if fused:
+        # Ray fuses a map into the read only when it takes whole blocks (batch_size=None); decode_and_transform
+        # slices the block itself.
+        return ds.map_batches(cast(Any, decode_and_transform), batch_size=None, batch_format="numpy",
+                              fn_kwargs={"stages": (decoding, last)})
+    for fn, kwargs in (decoding, last):
+        ds = ds.map_batches(cast(Any, fn), batch_size=DECODE_BATCH, batch_format="numpy", fn_kwargs=kwargs)
+    return ds
 
 
 def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *, seed: int,
@@ -334,18 +277,17 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
                          "views_on_device=False")
     policy = policy or BadInputPolicy()
     plan = plan_dataset(storage, dataset, policy, counter)
-    ds = _read_and_decode(storage, plan, augment.channels, policy,
-                          FileShuffleConfig(seed=seed, reseed_after_execution=True), RowShuffle(seed))
     cfg_json = json.dumps(asdict(augment))
+    last: Stage
     if not views:
-        return ds.map_batches(cast(Any, train_images), batch_size=DECODE_BATCH, batch_format="numpy",
-                              fn_kwargs={"cfg_json": cfg_json})
-    if views_on_device:
-        return ds.map_batches(cast(Any, decoded_for_device), batch_size=DECODE_BATCH, batch_format="numpy",
-                              fn_kwargs={"cfg_json": cfg_json})
-    return ds.map_batches(cast(Any, augment_two_views), batch_size=DECODE_BATCH, batch_format="numpy",
-                          fn_kwargs={"cfg_json": cfg_json, "seed": seed,
-                                     "weak_json": None if weak is None else json.dumps(asdict(weak))})
+        last = (train_images, {"cfg_json": cfg_json})
+    elif views_on_device:
+        last = (decoded_for_device, {"cfg_json": cfg_json})
+    else:
+        last = (augment_two_views, {"cfg_json": cfg_json, "seed": seed,
+                                    "weak_json": None if weak is None else json.dumps(asdict(weak))})
+    return _stream(storage, plan, augment.channels, policy,
+                   FileShuffleConfig(seed=seed, reseed_after_execution=True), RowShuffle(seed), last)
 
 
 def build_eval_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *,
@@ -356,6 +298,5 @@ def build_eval_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *
     order (no shuffle)."""
     policy = policy or BadInputPolicy()
     plan = plan_dataset(storage, dataset, policy, counter, shards)
-    ds = _read_and_decode(storage, plan, augment.channels, policy, None)
-    return ds.map_batches(cast(Any, eval_transform), batch_size=DECODE_BATCH, batch_format="numpy",
-                          fn_kwargs={"cfg_json": json.dumps(asdict(augment))})
+    return _stream(storage, plan, augment.channels, policy, None, None,
+                   (eval_transform, {"cfg_json": json.dumps(asdict(augment))}))

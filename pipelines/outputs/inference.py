@@ -171,6 +171,9 @@ def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: Checkpo
         compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=options.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
+        # Remote arguments unlike the stream's stages, so Ray does not fuse decode + transform into the actors:
+        # they stay in the read tasks (on the other CPUs) and the actors only run the model.
+        label_selector={},
     )
     ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
                      min_rows_per_file=options.min_rows_per_file, compression="zstd")

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.dataset.streams import (
-    DECODED_COLUMNS,
-    build_train_dataset,
-    decoded_for_device,
-    device_views,
-    step_seed,
-)
+from pipelines.dataset.stream_stages import decoded_for_device
+from pipelines.dataset.streams import DECODED_COLUMNS, build_train_dataset, device_views, step_seed
 from secu.config import AugmentConfig
 
 CFG = AugmentConfig(image_size=28, channels=1, mean=(0.5,), std=(0.5,))
