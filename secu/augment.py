@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from secu.config import AugmentConfig
+from secu.normalize import normalize  # re-exported: part of this module's API
 
 __all__ = [
     "EvalTransform",
@@ -237,33 +238,3 @@ def eval_batch(t: EvalTransform, images: Sequence[np.ndarray]) -> np.ndarray:
     if len(images) == 0:
         raise ValueError("eval_batch got no images")
     return torch.stack([t(image) for image in images]).numpy()
-
-
-def normalize(batch_BCHW: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float32 (x / 255 - mean) / std per channel, on the batch's device.
-
-    Args:
-        batch_BCHW: uint8 images B x C x H x W (any device).
-        mean: C per-channel means in [0, 1] units.
-        std: C per-channel standard deviations.
-
-    Returns:
-        A float32 tensor of the same shape and device.
-
-    Raises:
-        ValueError: If the batch is not uint8 B x C x H x W or mean/std do not have C entries.
-    """
-    if batch_BCHW.dtype != torch.uint8 or batch_BCHW.ndim != 4:
-        raise ValueError(
-            f"normalize needs a uint8 B x C x H x W batch, got {batch_BCHW.dtype} of shape {tuple(batch_BCHW.shape)}"
-        )
-    channels = batch_BCHW.shape[1]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} values (one per channel), got {list(mean)} / {list(std)}")
-    device = batch_BCHW.device
-    std_C = torch.tensor(std, dtype=torch.float32, device=device)
-    mean_C = torch.tensor(mean, dtype=torch.float32, device=device)
-    # One fused multiply-add: x * (1 / (255 std)) - mean / std.
-    scale = (1.0 / (255.0 * std_C)).view(1, -1, 1, 1)
-    shift = (mean_C / std_C).view(1, -1, 1, 1)
-    return torch.addcmul(-shift, batch_BCHW.float(), scale)

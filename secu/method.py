@@ -58,7 +58,7 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 def normalized_views(batch: Batch, mean: Sequence[float], std: Sequence[float],
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's ``view1`` and ``view2`` on ``device``, normalised (``secu.augment.normalize``)."""
-    from secu.augment import normalize
+    from secu.normalize import normalize
 
     return (normalize(batch["view1"].to(device, non_blocking=True), mean, std),
             normalize(batch["view2"].to(device, non_blocking=True), mean, std))

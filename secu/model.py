@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18, resnet50
 
 from secu.config import ModelConfig
 
@@ -94,6 +93,10 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     if cfg.backbone == "small_cnn":
         cnn = SmallCNN(cfg.in_channels, cfg.cnn_width)
         return cnn, cnn.out_dim
+    # torchvision only for its ResNets: importing it costs ~2 s of CPU (torch._dynamo through torchvision.ops),
+    # paid by every process that builds a small CNN (inference actors, training workers) otherwise.
+    from torchvision.models import resnet18, resnet50
+
     if cfg.backbone in ("resnet18_cifar", "resnet18_stl"):
         net = resnet18(weights=None)
         net.conv1 = _small_image_stem(cfg.in_channels)

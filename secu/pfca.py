@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from secu import distributed
-from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.method import Assignment, Batch, ClusteringMethod, EpochContext, EpochSummary, StepOutput
 from secu.method_configs import PFCAConfig
+from secu.normalize import normalize
 from secu.pfca_networks import CLUSTER_AXES, PFCANetworks, embed
 
 CRITIC, GENERATOR, CLASSIFIER = 0, 1, 2

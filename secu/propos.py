@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from secu import distributed
-from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.kmeans import kmeans
 from secu.method import Assignment, Batch, EpochContext, EpochSummary, OneNetworkMethod, StepOutput
 from secu.model import Encoder
 from secu.network import confident_clusters
+from secu.normalize import normalize
 from secu.optim import LARS
 from secu.precision import autocast_dtype
 from secu.schedules import warmup_cosine

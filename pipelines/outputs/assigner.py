@@ -21,9 +21,9 @@ from pipelines.outputs.schema import (
     similarity_column,
 )
 from pipelines.training.checkpointing import CheckpointRef, load_checkpoint
-from secu.augment import normalize
 from secu.config import ExperimentConfig
 from secu.method import ClusteringMethod
+from secu.normalize import normalize
 from secu.precision import autocast_dtype
 
 
