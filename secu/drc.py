@@ -199,15 +199,13 @@ class DRCMethod(OneNetworkMethod[DRCNetwork]):
 
     def __init__(self, exp: ExperimentConfig, iters_per_epoch: int, device: torch.device | None = None,
                  network: DRCNetwork | None = None) -> None:
-        """Build the network (``build_drc_network``, or ``network`` as given: tests pass a tiny one), the
-        optimizer and the schedule of ``iters_per_epoch`` steps an epoch."""
+        """Build the network (``build_drc_network``, or ``network`` as given: tests pass a tiny one) and the
+        schedule of ``iters_per_epoch`` steps an epoch (the optimizer on first use)."""
         self.exp = exp
         self.device = device or torch.device("cpu")
         self.base = (network or build_drc_network(exp)).to(self.device)
         self.net: nn.Module = self.base
         o = exp.optim
-        self.optimizer = torch.optim.SGD(self.base.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay)
         self.iters_per_epoch = iters_per_epoch
         self.lrs = warmup_cosine(iters_per_epoch, o)
         self.global_step = 0
@@ -216,6 +214,10 @@ class DRCMethod(OneNetworkMethod[DRCNetwork]):
         self.amp_dtype = autocast_dtype(self.device)
         self.epoch = 0
         self._begin_sums()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.exp.optim
+        return torch.optim.SGD(self.base.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
     def _begin_sums(self) -> None:
         self.steps = 0

@@ -201,12 +201,26 @@ NetT = TypeVar("NetT", bound=nn.Module)
 
 class OneNetworkMethod(ClusteringMethod, Generic[NetT]):
     """A method whose networks are one module ``base`` stepped by one ``optimizer`` (SeCu, ProPos, DRC): the
-    checkpoint layout of ``ClusteringMethod.state_dict`` written once. Subclasses set ``base``, ``optimizer`` and
-    ``global_step`` and override ``_cluster_state``/``_load_cluster_state`` if they have cluster state."""
+    checkpoint layout of ``ClusteringMethod.state_dict`` written once. Subclasses set ``base`` and
+    ``global_step``, write ``_build_optimizer`` and override ``_cluster_state``/``_load_cluster_state`` if they
+    have cluster state."""
 
     base: NetT
-    optimizer: torch.optim.Optimizer
     global_step: int
+    _optimizer: torch.optim.Optimizer | None = None
+
+    @abstractmethod
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over ``base``'s trainable parameters (called once, on first use of ``optimizer``)."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Built on first use, so a method loaded only to assign (inference actors, reclustering, warm starts)
+        never builds one: torch.optim's first constructor imports ``torch._dynamo``, about a second of an
+        actor's start. Building it draws no random numbers, so a training run is the same either way."""
+        if self._optimizer is None:
+            self._optimizer = self._build_optimizer()
+        return self._optimizer
 
     def _cluster_state(self) -> ClusterState | None:
         return None

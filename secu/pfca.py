@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -169,12 +170,16 @@ class PFCAMethod(ClusteringMethod):
         self.params: dict[str, list[nn.Parameter]] = {
             "generator": list(self.nets.generator.parameters()), "critic": list(self.nets.critic.parameters()),
             "classifier": list(self.nets.classifier.parameters())}
-        self.optimizers = {name: torch.optim.Adam(ps, lr=self.cfg.lr, betas=self.cfg.adam_betas)
-                           for name, ps in self.params.items()}
         self.rank = distributed.rank()
         self.global_step = 0
         self.epoch = 0
         self._begin_sums()
+
+    @cached_property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One Adam per network, built on first use (an assign-only load never imports ``torch._dynamo``)."""
+        return {name: torch.optim.Adam(ps, lr=self.cfg.lr, betas=self.cfg.adam_betas)
+                for name, ps in self.params.items()}
 
     def _begin_sums(self) -> None:
         self.steps = 0

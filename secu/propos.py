@@ -194,12 +194,6 @@ class ProPosMethod(OneNetworkMethod[ProPosNetwork]):
         self.base = ProPosNetwork(exp).to(self.device)
         self.online: nn.Module = self.base.online
         optim = exp.optim
-        groups: list[dict[str, Any]] = [{"params": list(self.base.online.encoder.parameters()), "name": "encoder"},
-                                        {"params": list(self.base.online.predictor.parameters()), "name": "predictor"}]
-        self.optimizer: torch.optim.Optimizer = (
-            LARS(groups, lr=optim.lr, weight_decay=optim.weight_decay, momentum=optim.momentum)
-            if optim.optimizer == "lars" else
-            torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay))
         self.iters_per_epoch = iters_per_epoch
         self.lrs = warmup_cosine(iters_per_epoch, optim)
         self.global_step = 0
@@ -209,6 +203,14 @@ class ProPosMethod(OneNetworkMethod[ProPosNetwork]):
         self.epoch = 0
         self.kmeans_metrics: dict[str, float] = {}
         self._begin_sums()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.exp.optim
+        groups: list[dict[str, Any]] = [{"params": list(self.base.online.encoder.parameters()), "name": "encoder"},
+                                        {"params": list(self.base.online.predictor.parameters()), "name": "predictor"}]
+        if optim.optimizer == "lars":
+            return LARS(groups, lr=optim.lr, weight_decay=optim.weight_decay, momentum=optim.momentum)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
     def _begin_sums(self) -> None:
         self.steps = 0

@@ -46,7 +46,6 @@ class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
         self.base = net
         self.net: nn.Module = net
         self.device = device or torch.device("cpu")
-        self.optimizer = build_optimizer(net.encoder.parameters(), net.centers.parameters(), exp.optim)
         self.iters_per_epoch = iters_per_epoch
         self.lrs, self.clrs = lr_schedule(iters_per_epoch, exp.optim)
         self.state = ClusterState.create(exp.secu.ks)
@@ -56,6 +55,9 @@ class SeCuMethod(OneNetworkMethod[SeCuNetwork]):
         self.amp_dtype = autocast_dtype(self.device)
         self.epoch = 0
         self._begin_sums()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.base.encoder.parameters(), self.base.centers.parameters(), self.exp.optim)
 
     def _begin_sums(self) -> None:
         self.snapshot: list[torch.Tensor] = []
