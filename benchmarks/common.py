@@ -251,7 +251,8 @@ def alternate(variants: Mapping[str, Callable[[], Figures]], repeats: int, warmu
 
     The order is reversed every other round (A B C, C B A, A B C, ...). Each call's figures get a
     ``warmup`` flag (1.0 for warm-up rounds), its ``round``, and ``tree_cpu_s``: the CPU seconds this
-    process and its descendants (a local Ray included) used during the call (``tree_cpu_seconds``).
+    process and its descendants (a local Ray included) used during the call (``tree_cpu_seconds``), unless
+    the variant reports its own (one that times only part of its call, after an untimed set-up).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
@@ -261,7 +262,7 @@ def alternate(variants: Mapping[str, Callable[[], Figures]], repeats: int, warmu
         for name in names if rnd % 2 == 0 else reversed(names):
             cpu_before = tree_cpu_seconds()
             figures = dict(variants[name]())
-            figures["tree_cpu_s"] = cpu_used(cpu_before, tree_cpu_seconds())
+            figures.setdefault("tree_cpu_s", cpu_used(cpu_before, tree_cpu_seconds()))
             figures["warmup"] = float(rnd < warmup)
             figures["round"] = float(rnd)
             rounds.raw[name].append(figures)

@@ -25,8 +25,9 @@ DECODE_BATCH = 256
 """Rows per call of each stage (decode, augment, transform)."""
 EVAL_COLUMNS = ("image", "sample_index", "key", "shard", "label", "source")
 
-Stage = tuple[Callable[..., dict[str, np.ndarray]], dict[str, Any]]
-"""A stage function and its keyword arguments."""
+Stage = tuple[Callable[..., Any], dict[str, Any]]
+"""A stage function and its keyword arguments: a batch (dict of numpy columns) in, a batch out (the last stage
+of a stream may return an Arrow table instead, as batch inference's model does)."""
 
 
 def decode_and_transform(block: dict[str, np.ndarray], *, stages: Sequence[Stage]) -> Iterator[dict[str, np.ndarray]]:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -217,8 +217,8 @@ def fuses_read(plan: DatasetPlan) -> bool:
 
 
 def _stream(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInputPolicy,
-            shuffle: FileShuffleConfig | None, rows: RowShuffle | None, last: Stage) -> ray.data.Dataset:
-    """Read -> ``decode`` -> ``last``, fused into the read tasks or not (:func:`fuses_read`)."""
+            shuffle: FileShuffleConfig | None, rows: RowShuffle | None, after: Sequence[Stage]) -> ray.data.Dataset:
+    """Read -> ``decode`` -> the stages ``after``, fused into the read tasks or not (:func:`fuses_read`)."""
     fused = fuses_read(plan)
     # One read task per shard either way (a failing shard loses only itself). Unfused, override_num_blocks =
     # shards x split also splits each task's output into `split` blocks (Ray's SplitBlocks), which Ray then
@@ -243,8 +243,8 @@ def _stream(storage: Storage, plan: DatasetPlan, channels: int, policy: BadInput
         # Ray fuses a map into the read only when it takes whole blocks (batch_size=None); decode_and_transform
         # slices the block itself.
         return ds.map_batches(cast(Any, decode_and_transform), batch_size=None, batch_format="numpy",
-                              fn_kwargs={"stages": (decoding, last)})
-    for fn, kwargs in (decoding, last):
+                              fn_kwargs={"stages": (decoding, *after)})
+    for fn, kwargs in (decoding, *after):
         ds = ds.map_batches(cast(Any, fn), batch_size=DECODE_BATCH, batch_format="numpy", fn_kwargs=kwargs)
     return ds
 
@@ -287,16 +287,18 @@ def build_train_dataset(storage: Storage, dataset: str, augment: AugmentConfig, 
         last = (augment_two_views, {"cfg_json": cfg_json, "seed": seed,
                                     "weak_json": None if weak is None else json.dumps(asdict(weak))})
     return _stream(storage, plan, augment.channels, policy,
-                   FileShuffleConfig(seed=seed, reseed_after_execution=True), RowShuffle(seed), last)
+                   FileShuffleConfig(seed=seed, reseed_after_execution=True), RowShuffle(seed), (last,))
 
 
 def build_eval_dataset(storage: Storage, dataset: str, augment: AugmentConfig, *,
                        policy: BadInputPolicy | None = None, counter: Any | None = None,
-                       shards: Collection[str] | None = None) -> ray.data.Dataset:
+                       shards: Collection[str] | None = None, then: Stage | None = None) -> ray.data.Dataset:
     """The evaluation stream: ``image`` (uint8 C x S x S, deterministic), ``sample_index``, ``key``,
     ``shard``, ``label`` (int64, -1 when unknown). Shards (all, or those named in ``shards``) are read in
-    order (no shuffle)."""
+    order (no shuffle). ``then``: one more stage in the same tasks (batch inference's model on CPUs), whose
+    output the stream then carries instead."""
     policy = policy or BadInputPolicy()
     plan = plan_dataset(storage, dataset, policy, counter, shards)
+    transform: Stage = (eval_transform, {"cfg_json": json.dumps(asdict(augment))})
     return _stream(storage, plan, augment.channels, policy, None, None,
-                   (eval_transform, {"cfg_json": json.dumps(asdict(augment))}))
+                   (transform,) if then is None else (transform, then))

@@ -1,6 +1,7 @@
-"""The Ray Data callable class of batch inference: one actor holds the checkpoint's method and turns batches of
-evaluation images into assignment rows (``pipelines.outputs.schema``); ``pipelines.outputs.inference`` runs a pool
-of them over the evaluation stream.
+"""The model stage of batch inference: an ``Assigner`` holds the checkpoint's method and turns batches of
+evaluation images into assignment rows (``pipelines.outputs.schema``). ``pipelines.outputs.inference`` runs it
+either as a pool of Ray Data actors (GPUs) or, through :func:`assign_rows`, inside the read tasks (CPUs), where
+each worker process loads the model once and keeps it for the tasks that follow.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Assigner:
         """Cluster one batch with columns ``image`` (uint8 B x C x S x S), ``sample_index``, ``key``, ``shard``
         (and ``source``, optional)."""
         images = batch["image"]
+        if len(images) == 0:  # every image of a slice was bad input (decode dropped and counted them)
+            return self.schema.empty_table()
         if images.dtype == object:  # ragged column: the transform produced arrays one by one
             images = np.stack(list(images))
         # Ray hands out read-only arrays; torch wants writable memory.
@@ -110,6 +113,29 @@ class Assigner:
         if self.progress is not None:
             self.progress.add.remote(n)  # fire and forget: the driver's progress line reads the sum
         return pa.Table.from_arrays([arrays[name] for name in self.schema.names], schema=self.schema)
+
+
+_PROCESS_ASSIGNER: dict[str, Assigner] = {}
+"""This worker process's Assigner for :func:`assign_rows`, under the key of its checkpoint and settings (one entry:
+a process that moves on to another checkpoint drops the previous model)."""
+
+
+def assign_rows(batch: dict[str, np.ndarray], *, checkpoint: CheckpointRef, fingerprint: str, run_id: str,
+                with_embeddings: bool = False, progress: Any = None) -> pa.Table:
+    """Stage ``assign_rows`` (the model in the read tasks, on one CPU thread): evaluation images -> assignment rows.
+
+    The first call in a worker process loads the model of ``checkpoint``; later calls (the same task's next
+    slices, the next tasks Ray gives the process) reuse it while ``fingerprint`` (a digest of the checkpoint's
+    metadata, which records every file's SHA-256), ``run_id`` and ``with_embeddings`` stay the same.
+    """
+    key = f"{fingerprint}|{run_id}|{with_embeddings}"
+    assigner = _PROCESS_ASSIGNER.get(key)
+    if assigner is None:
+        _PROCESS_ASSIGNER.clear()
+        assigner = Assigner(checkpoint, run_id, with_embeddings=with_embeddings, torch_threads=1)
+        _PROCESS_ASSIGNER[key] = assigner
+    assigner.progress = progress
+    return assigner(batch)
 
 
 @torch.no_grad()

@@ -4,9 +4,12 @@ Pipeline (Ray Data, streaming)::
 
     lock runs/<run_id>/_infer-<name>.lock (a second inference of the same output is refused)
     shards (tar) --read + decode + evaluation transform (CPU tasks, pipelines.dataset.streams)--> uint8 C x S x S
-      --> Assigner actors (pipelines.outputs.assigner; map_batches with an ActorPoolStrategy of N actors, model
-          loaded once per actor;
-          one GPU each when there are GPUs; each row's source comes from the shard's json through the stream)
+      --> the model (pipelines.outputs.assigner), where ``model_in`` says:
+          tasks (default on CPUs): in the same read tasks (one fused operator), each worker process loading the
+              model once (``assign_rows``) and keeping it for its next tasks, one thread per task;
+          actors (default with GPUs): map_batches with an ActorPoolStrategy of N Assigner actors, model loaded
+              once per actor, one GPU each when there are GPUs;
+          each row's source comes from the shard's json through the stream
       --> write_parquet into runs/<run_id>/_staging/<name>/<attempt>/ (outside the published prefix); a
           progress line (done/total, images/s, time left) every 10 s (pipelines.outputs.progress)
       --> verify (ids unique and in range; skipped bad images within the policy's budget)
@@ -25,6 +28,7 @@ it again (it starts over in a fresh staging folder).
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from pipelines.dataset.info import DatasetInfo, load_dataset_info
-from pipelines.outputs.assigner import Assigner, embedding_dim
+from pipelines.outputs.assigner import Assigner, assign_rows, embedding_dim
 from pipelines.outputs.assignments import default_output_name, output_dir, published_files, read_assignments
 from pipelines.outputs.bad_images import too_much_bad_input
 from pipelines.outputs.image_sources import load_source_lookup
@@ -51,6 +55,7 @@ from pipelines.outputs.schema import (
 from pipelines.storage import Storage
 from pipelines.tracking.ray_metrics import export_inference
 from pipelines.training.checkpointing import (
+    META_FILE,
     CheckpointRef,
     LoadedCheckpoint,
     checkpoint_at,
@@ -65,6 +70,7 @@ __all__ = ["InferenceOptions", "InferenceResult", "published_files", "read_assig
 logger = logging.getLogger(__name__)
 
 USE_GPU_CHOICES = ("auto", "yes", "no")
+MODEL_IN_CHOICES = ("auto", "tasks", "actors")
 
 
 @dataclass
@@ -72,13 +78,17 @@ class InferenceOptions:
     """How the inference runs (``--set key=value`` on the command line)."""
 
     batch_size: int = 256
-    """Images per model call in an Assigner actor."""
+    """Images per model call in an Assigner actor (``model_in=actors``; the read tasks call it per 256 images)."""
+    model_in: str = "auto"
+    """Where the model runs: 'tasks' (inside the read + decode tasks, one model per worker process, one CPU
+    thread each: no separate stage, no actor start), 'actors' (a pool of Assigner actors, the read tasks only
+    read and decode) or 'auto' (actors when the inference uses GPUs or ``concurrency`` is set, else tasks)."""
     concurrency: int = 0
-    """Assigner actors; 0 = one per GPU with GPUs, else half the cluster's CPUs (at least 1)."""
+    """Assigner actors (``model_in=actors``); 0 = one per GPU with GPUs, else half the cluster's CPUs (at least 1)."""
     use_gpu: str = "auto"
     """'auto' (one GPU per actor when the cluster has GPUs), 'yes' or 'no'."""
     cpus_per_actor: float = 1.0
-    """CPUs reserved by each Assigner actor (and torch threads it uses)."""
+    """CPUs reserved by each Assigner actor (and torch threads it uses; ``model_in=actors``)."""
     with_embeddings: bool = False
     """Also write the L2-normalised embedding z (fixed_size_list<float32>[D]) per image."""
     min_rows_per_file: int = 100_000
@@ -94,6 +104,14 @@ class InferenceOptions:
             raise ValueError(f"concurrency={self.concurrency} must be >= 0 (0 = automatic)")
         if self.use_gpu not in USE_GPU_CHOICES:
             raise ValueError(f"use_gpu={self.use_gpu!r}: choose one of {USE_GPU_CHOICES}")
+        if self.model_in not in MODEL_IN_CHOICES:
+            raise ValueError(f"model_in={self.model_in!r}: choose one of {MODEL_IN_CHOICES}")
+        if self.model_in == "tasks" and self.use_gpu == "yes":
+            raise ValueError("model_in=tasks runs the model on the read tasks' CPUs; with use_gpu=yes set "
+                             "model_in=actors (or auto)")
+        if self.model_in == "tasks" and self.concurrency:
+            raise ValueError(f"concurrency={self.concurrency} sets the number of Assigner actors, but model_in=tasks "
+                             "runs the model in the read tasks (one per CPU): drop concurrency or set model_in=actors")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -122,6 +140,7 @@ class InferenceResult:
 
 
 def _resources(options: InferenceOptions) -> tuple[bool, int]:
+    """(use GPUs, Assigner actors); 0 actors = the model runs in the read tasks (``model_in``)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -129,6 +148,8 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
     use_gpu = options.use_gpu == "yes" or (options.use_gpu == "auto" and gpus > 0)
     if options.use_gpu == "yes" and gpus == 0:
         logger.warning("use_gpu=yes but the cluster has no GPU now; the actors wait for the autoscaler")
+    if options.model_in == "tasks" or (options.model_in == "auto" and not use_gpu and not options.concurrency):
+        return False, 0
     cpus = float(resources.get("CPU", 1))
     if options.concurrency:
         concurrency = options.concurrency
@@ -154,28 +175,42 @@ def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[
     return ref, loaded
 
 
-def _write_assignments(ds: Any, storage: Storage, staging_rel: str, ref: CheckpointRef, run_id: str,
-                       options: InferenceOptions, use_gpu: bool, concurrency: int, progress: Any = None) -> None:
-    """Run ``concurrency`` Assigner actors over the evaluation stream ``ds``; write their rows under ``staging_rel``."""
+def _write_assignments(storage: Storage, dataset: str, exp: ExperimentConfig, stream: dict[str, Any],
+                       staging_rel: str, ref: CheckpointRef, run_id: str, options: InferenceOptions, use_gpu: bool,
+                       concurrency: int, progress: Any = None) -> None:
+    """Cluster the evaluation stream of ``dataset`` (``build_eval_dataset`` with the keywords ``stream``) and
+    write the rows under ``staging_rel``: inside the read tasks when ``concurrency`` is 0, else in that many
+    Assigner actors."""
     import ray.data
 
-    ds = ds.map_batches(
-        Assigner,
-        fn_constructor_kwargs={
-            "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
-            "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
-            "progress": progress,
-        },
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
-        num_cpus=options.cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-        # Remote arguments unlike the stream's stages, so Ray does not fuse decode + transform into the actors:
-        # they stay in the read tasks (on the other CPUs) and the actors only run the model.
-        label_selector={},
-    )
-    ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem,
+    from pipelines.dataset.streams import build_eval_dataset
+
+    if not concurrency:
+        fingerprint = hashlib.sha256(ref.location.read_bytes(META_FILE)).hexdigest()
+        ds = build_eval_dataset(storage, dataset, exp.augment, **stream, then=(assign_rows, {
+            "checkpoint": ref, "fingerprint": fingerprint, "run_id": run_id,
+            "with_embeddings": options.with_embeddings, "progress": progress}))
+    else:
+        ds = build_eval_dataset(storage, dataset, exp.augment, **stream).map_batches(
+            Assigner,
+            fn_constructor_kwargs={
+                "checkpoint": ref, "run_id": run_id, "with_embeddings": options.with_embeddings,
+                "use_gpu": use_gpu, "torch_threads": max(1, int(options.cpus_per_actor)),
+                "progress": progress,
+            },
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),  # `concurrency=` is deprecated since Ray 2.51
+            num_cpus=options.cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+            # Remote arguments unlike the stream's stages, so Ray does not fuse decode + transform into the
+            # actors: they stay in the read tasks (on the other CPUs) and the actors only run the model.
+            label_selector={},
+        )
+    # The write tasks gather min_rows_per_file rows each. Half a CPU: they only encode rows of a few numbers, and
+    # remote arguments unlike the read tasks' keep Ray from fusing the model stage into them (fused, the write's
+    # bundling would pull the whole stream into one task, decode and model included).
+    ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem, ray_remote_args={"num_cpus": 0},
                      min_rows_per_file=options.min_rows_per_file, compression="zstd")
 
 
@@ -247,7 +282,6 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         new_bad_input_counter,
         verify_epoch,
     )
-    from pipelines.dataset.streams import build_eval_dataset
 
     exp, train_dataset, dataset = loaded.job.experiment, loaded.job.dataset, info.name
     out_rel = output_dir(run_id, name)
@@ -257,18 +291,18 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     if not ray.is_initialized():
         ray.init()
     use_gpu, concurrency = _resources(options)
-    logger.info("inference of run %s (checkpoint %s, epoch %d) on dataset %s (%d images): %d actor(s), %s, "
-                "batch %d -> %s", run_id, ref.label, ref.epoch, dataset, expected, concurrency,
+    logger.info("inference of run %s (checkpoint %s, epoch %d) on dataset %s (%d images): %s, %s, "
+                "batch %d -> %s", run_id, ref.label, ref.epoch, dataset, expected,
+                f"{concurrency} model actor(s)" if concurrency else "the model in the read tasks",
                 "GPU" if use_gpu else "CPU", options.batch_size, storage.uri(staging_rel))
     start = time.monotonic()
     policy = BadInputPolicy(max_bad_fraction=options.max_bad_fraction)
     counter = new_bad_input_counter(expected, policy)
     failure: BadInputError | None = None
-    ds: Any = None
     try:
-        ds = build_eval_dataset(storage, dataset, exp.augment, policy=policy, counter=counter, shards=shards)
         with inference_progress(f"inference of run {run_id}", expected) as progress:
-            _write_assignments(ds, storage, staging_rel, ref, run_id, options, use_gpu, concurrency, progress)
+            _write_assignments(storage, dataset, exp, {"policy": policy, "counter": counter, "shards": shards},
+                               staging_rel, ref, run_id, options, use_gpu, concurrency, progress)
         seconds = time.monotonic() - start
         rows = verify_staged(storage, staging_rel, info.num_samples)
         # Bad images (undecodable, too large, damaged shards) are skipped and counted; over the policy's
@@ -284,7 +318,6 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
     if failure is not None:
         # Ray Data keeps a failed execution's actors in a reference cycle (with the task's traceback): collect
         # it now, so that they give their CPUs back to a driver that goes on (a reclustering tick, a notebook).
-        ds = None
         gc.collect()
         raise failure
     if bad.bad:
@@ -304,6 +337,7 @@ def _infer_and_publish(storage: Storage, run_id: str, name: str, ref: Checkpoint
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / max(seconds, 1e-9), 1),
         "device": "gpu" if use_gpu else "cpu",
+        "model_in": "actors" if concurrency else "tasks",
         "actors": concurrency,
         "skipped": {"count": expected - rows, "by_reason": bad.by_reason, "examples": bad.examples},
     }

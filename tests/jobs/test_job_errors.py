@@ -40,7 +40,8 @@ JOBS = {
 }
 VALID_KEYS = {
     "ingest": "valid keys: limit, lock_ttl_hours, max_in_flight, max_pixels, shard_size, use_ray",
-    "infer": "valid keys: batch_size, concurrency, cpus_per_actor, max_bad_fraction, min_rows_per_file, use_gpu",
+    "infer": ("valid keys: batch_size, concurrency, cpus_per_actor, max_bad_fraction, min_rows_per_file, model_in, "
+              "use_gpu"),
     "report": "valid keys: borderline, head, map_layout, map_points, more_pages, page_size, random, seed, threads, "
               "thumb_px, top",
     "demo": "valid keys: compute.*, experiment.*, recipe, tracking.*;",  # the demo names its datasets and run itself

@@ -116,6 +116,29 @@ def test_inference_writes_the_declared_schema_and_every_image_once(
     assert [f["path"] for f in marker["files"]] == [p.name for p in parts]
 
 
+@pytest.mark.ray
+def test_the_model_in_actors_writes_the_rows_of_the_model_in_the_read_tasks(
+        published: InferenceResult, lake: tuple[Storage, np.ndarray]) -> None:
+    storage, _ = lake
+    assert published.marker["model_in"] == "tasks" and published.marker["actors"] == 0  # the default on CPUs
+
+    actors = run_inference(storage, RUN, output_name="assignments-actors",
+                           options=InferenceOptions(batch_size=32, model_in="actors", cpus_per_actor=0.5))
+
+    assert actors.marker["model_in"] == "actors" and actors.marker["actors"] >= 1
+    tasks_rows = read_assignments(storage, RUN).sort_by("sample_index")
+    actor_rows = read_assignments(storage, RUN, "assignments-actors").sort_by("sample_index")
+    assert actor_rows.schema.remove_metadata().equals(tasks_rows.schema.remove_metadata())
+    assert actor_rows.num_rows == N
+    for name in tasks_rows.column_names:
+        a = tasks_rows.column(name).to_numpy(zero_copy_only=False)
+        b = actor_rows.column(name).to_numpy(zero_copy_only=False)
+        if name.startswith(("similarity_", "confidence_")):  # other batch sizes: float rounding may differ
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 README = REPO / "README.md"
 
 

@@ -1,6 +1,6 @@
 """Batch inference on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: three raylets of one CPU each on
-this machine): the read + decode tasks and the model actors are spread over more than one node, and the
-output is complete."""
+this machine): the read + decode tasks (with the model in them, or beside the model actors) are spread over
+more than one node, and the output is complete."""
 
 from __future__ import annotations
 
@@ -38,14 +38,16 @@ def three_nodes() -> Iterator[None]:
         cluster.shutdown()
 
 
-def test_inference_runs_on_more_than_one_node(tmp_path: Path, three_nodes: None) -> None:
+@pytest.mark.parametrize("model_in", ["tasks", "actors"])
+def test_inference_runs_on_more_than_one_node(tmp_path: Path, three_nodes: None, model_in: str) -> None:
     from ray.util.state import list_tasks
 
     storage = Storage(str(tmp_path))
     make_dataset(storage, "tiny", N, shard_size=20)  # 6 shards: more than the cluster's 3 CPUs
     add_checkpoint(storage, "multi", "tiny", 1)
+    options = InferenceOptions(batch_size=16, model_in=model_in)  # actors: 1 of 1 CPU, beside reads on two nodes
 
-    result = run_inference(storage, "multi", options=InferenceOptions(batch_size=16))
+    result = run_inference(storage, "multi", options=options)
 
     assert result.rows == N
     assert sorted(read_assignments(storage, "multi").column("sample_index").to_pylist()) == list(range(N))
@@ -55,4 +57,6 @@ def test_inference_runs_on_more_than_one_node(tmp_path: Path, three_nodes: None)
             nodes[task.name].add(task.node_id)
     reads = {node for name, ids in nodes.items() if name.startswith("ReadShard") for node in ids}
     assert len(reads) >= 2, f"read + decode tasks ran on {len(reads)} node(s): {dict(nodes)}"
-    assert any(name.startswith("MapWorker(MapBatches(Assigner))") for name in nodes)  # the model ran in actors
+    actor_stage = any(name.startswith("MapWorker(MapBatches(Assigner))") for name in nodes)
+    assert result.marker["model_in"] == model_in
+    assert actor_stage == (model_in == "actors"), dict(nodes)  # tasks: the model ran inside the read tasks
