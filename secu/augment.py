@@ -1,10 +1,11 @@
-"""Two asymmetric augmented views (spec 5) and the deterministic evaluation transform.
+"""Two asymmetric augmented views (spec 5); the deterministic evaluation transform is re-exported from
+``secu.eval_transform`` (plain torch, so that inference's processes need no torchvision).
 
 Views are made with ``torchvision.transforms.v2`` directly on uint8 C x H x W tensors (no PIL round
 trip) and stay uint8, so that data moves between processes and to the GPU at a quarter of the float
 size; :func:`normalize` turns a batch into float32 on the training device.
 
-Channel policy (``AugmentConfig.channels``), applied by :func:`image_to_tensor`:
+Channel policy (``AugmentConfig.channels``), applied by :func:`image_to_tensor` (``secu.images``):
 
 - an image with ``channels`` channels is used as is;
 - a 1-channel image is replicated to 3 channels when ``channels == 3`` (grayscale images in an RGB
@@ -30,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from secu.config import AugmentConfig
-from secu.normalize import normalize  # re-exported: part of this module's API
+from secu.eval_transform import EvalTransform, eval_batch  # re-exported: part of this module's API
+from secu.images import image_to_tensor  # re-exported
+from secu.normalize import normalize  # re-exported
 
 __all__ = [
     "EvalTransform",
@@ -45,39 +47,6 @@ __all__ = [
     "normalize",
     "separable_gaussian_blur",
 ]
-
-
-def image_to_tensor(image: np.ndarray, channels: int) -> torch.Tensor:
-    """A uint8 H x W (x C) array as a uint8 C x H x W tensor with ``channels`` channels.
-
-    Args:
-        image: H x W (grayscale) or H x W x C with C in {1, 3, 4}, dtype uint8.
-        channels: 1 or 3, the channels wanted (see the channel policy in the module docstring).
-
-    Returns:
-        A uint8 tensor of shape (channels, H, W). It may share memory with ``image``.
-
-    Raises:
-        ValueError: For a dtype other than uint8 or an unsupported shape.
-    """
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (decoded pixels), got dtype {array.dtype}")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"images must be H x W or H x W x C with C in (1, 3, 4), got shape {array.shape}")
-    if not array.flags.writeable:
-        # torch.from_numpy warns on read-only arrays (Ray Data hands those out); copying is cheap.
-        array = array.copy()
-    x_CHW = torch.from_numpy(array).permute(2, 0, 1)
-    if x_CHW.shape[0] == 4:
-        x_CHW = x_CHW[:3]
-    if x_CHW.shape[0] == channels:
-        return x_CHW
-    if channels == 3:
-        return x_CHW.expand(3, -1, -1)
-    return TF.rgb_to_grayscale(x_CHW, num_output_channels=1)
 
 
 class SeparableGaussianBlur(v2.GaussianBlur):
@@ -213,28 +182,3 @@ def augment_batch(
     views2 = torch.stack([b for _, b in pairs]).numpy()
     return views1, views2
 
-
-class EvalTransform:
-    """Deterministic transform for inference: resize the short side, then center-crop S x S."""
-
-    def __init__(self, cfg: AugmentConfig) -> None:
-        """Resize to ``cfg.eval_resize`` (or S when 0), center-crop ``cfg.image_size``."""
-        self.cfg = cfg
-        self.transform = v2.Compose(
-            [v2.Resize(cfg.eval_resize or cfg.image_size, antialias=True), v2.CenterCrop(cfg.image_size)]
-        )
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """The uint8 C x S x S evaluation view of a uint8 H x W (x C) image."""
-        return self.transform(image_to_tensor(image, self.cfg.channels))
-
-
-def eval_batch(t: EvalTransform, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Evaluation views of every image, stacked into a uint8 B x C x S x S array.
-
-    Raises:
-        ValueError: For an empty batch or malformed images.
-    """
-    if len(images) == 0:
-        raise ValueError("eval_batch got no images")
-    return torch.stack([t(image) for image in images]).numpy()

@@ -13,13 +13,15 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from secu.augment import EvalTransform, eval_batch
-from secu.batch_augment import BatchTwoViewAugment, canvas_side, to_canvas
 from secu.config import AugmentConfig
+from secu.eval_transform import EvalTransform, eval_batch
+
+if TYPE_CHECKING:
+    from secu.batch_augment import BatchTwoViewAugment
 
 DECODE_BATCH = 256
 """Rows per call of each stage (decode, augment, transform)."""
@@ -45,6 +47,10 @@ def decode_and_transform(block: dict[str, np.ndarray], *, stages: Sequence[Stage
 
 @lru_cache(maxsize=4)
 def _two_views(cfg_json: str) -> BatchTwoViewAugment:
+    # secu.batch_augment imports torchvision (and torch._dynamo with it): only the training stages need it, so
+    # the evaluation stream's processes (inference) import it never.
+    from secu.batch_augment import BatchTwoViewAugment
+
     return BatchTwoViewAugment(AugmentConfig(**json.loads(cfg_json)))
 
 
@@ -107,6 +113,8 @@ def decoded_for_device(batch: dict[str, np.ndarray], *, cfg_json: str) -> dict[s
     """Stage ``decoded_for_device`` (views on the device): ``image`` -> ``canvas`` (uint8 B x C x R x R,
     ``secu.batch_augment.to_canvas``), ``height`` and ``width`` (int64, the image inside the canvas) and
     ``sample_index``, the only columns left."""
+    from secu.batch_augment import canvas_side, to_canvas
+
     cfg = _augment_config(cfg_json)
     side = canvas_side(cfg.image_size)
     images = list(batch["image"])
