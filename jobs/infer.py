@@ -14,9 +14,9 @@ prefix holds _SUCCESS, which names the files). Re-running replaces the output; a
 completed by running the same command again. A second inference of the same output is refused (exit 3).
 
 Options (--config FILE holds them as key: value lines, --set KEY=VALUE sets one): batch_size, model_in,
-concurrency, use_gpu, cpus_per_actor, with_embeddings, min_rows_per_file, max_bad_fraction. model_in=tasks runs
-the model inside the read tasks (the default on CPUs), model_in=actors in a pool of model actors (the default
-with GPUs or when concurrency is set).
+concurrency, use_gpu, cpus_per_actor, with_embeddings, min_rows_per_file, max_bad_fraction.
+model_in=tasks runs the model inside the read tasks (the default on CPUs), model_in=actors in a pool of model
+actors (the default with GPUs or when concurrency is set).
 """
 
 from __future__ import annotations
