@@ -207,9 +207,10 @@ def _write_assignments(storage: Storage, dataset: str, exp: ExperimentConfig, st
             # actors: they stay in the read tasks (on the other CPUs) and the actors only run the model.
             label_selector={},
         )
-    # The write tasks gather min_rows_per_file rows each. Half a CPU: they only encode rows of a few numbers, and
+    # The write tasks gather min_rows_per_file rows each and take no CPU: they only encode rows of a few numbers;
     # remote arguments unlike the read tasks' keep Ray from fusing the model stage into them (fused, the write's
-    # bundling would pull the whole stream into one task, decode and model included).
+    # bundling pulls the whole stream into one task, decode and model included), and with no CPU Ray Data holds
+    # no core back for them (at half a CPU it did, and ran one read task at a time on 2 CPUs).
     ds.write_parquet(storage.path(staging_rel), filesystem=storage.filesystem, ray_remote_args={"num_cpus": 0},
                      min_rows_per_file=options.min_rows_per_file, compression="zstd")
 
