@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.outputs.inference import InferenceOptions
 
     n = args.images or (1000 if args.quick else 20_000)
+    if args.quick:  # the smoke test: four variants, one of them restarting Ray, once each after the warm-up
+        args.repeats = 1
     result = start_result(NAME, args)
     load = LoadProbe()
     start_ray(args.cpus)

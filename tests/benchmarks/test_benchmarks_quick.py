@@ -129,7 +129,9 @@ def test_data_pipeline_quick(tmp_path: Path) -> None:
 @pytest.mark.ray
 def test_inference_quick(tmp_path: Path) -> None:
     data = run_quick("inference", tmp_path)
-    assert set(data["images_per_s"]) == {"ray_data", "plain_loop"}
+    assert set(data["images_per_s"]) == {"ray_data", "ray_data_fresh_ray", "ray_data_actors", "plain_loop"}
+    assert data["config"]["inference_options"]["model_in"] == "auto"
+    assert data["config"]["actor_options"]["model_in"] == "actors"
     assert data["checks"]["same_schema"] is True
     assert data["checks"]["rows_ours"] == data["checks"]["rows_plain"] == data["config"]["images"]
 
