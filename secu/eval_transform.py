@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from secu.config import AugmentConfig
 from secu.images import image_to_tensor
 
 
+@cache  # asked once per process, not per image
 def _native_uint8_bilinear() -> bool:
     """Whether torch's uint8 bilinear kernel runs on this CPU (torchvision uses it there)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
