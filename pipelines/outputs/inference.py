@@ -162,7 +162,35 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
             "%d model actors x %.1f CPUs reserve all %.0f CPUs of the cluster, leaving none for reading and "
             "decoding: the inference waits for the autoscaler to add CPUs (and never finishes on a fixed-size "
             "cluster). Lower concurrency or cpus_per_actor", concurrency, options.cpus_per_actor, cpus)
+    else:
+        node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        if not room_for_reads(node_cpus, concurrency, options.cpus_per_actor):
+            logger.warning(
+                "%d model actors x %.1f CPUs, spread over nodes of %s CPUs, leave no node a whole CPU for a read "
+                "task: the inference waits for the autoscaler (and never finishes on a fixed-size cluster). Set "
+                "cpus_per_actor to a whole node's CPUs, lower concurrency, or use model_in=tasks",
+                concurrency, options.cpus_per_actor, "/".join(f"{c:g}" for c in sorted(set(node_cpus))))
     return use_gpu, concurrency
+
+
+def room_for_reads(node_cpus: Sequence[float], actors: int, cpus_per_actor: float, read_cpus: float = 1.0) -> bool:
+    """Whether a node keeps ``read_cpus`` free once ``actors`` model actors are spread over nodes of ``node_cpus``.
+
+    Ray Data spreads an actor pool over the nodes, one actor per node in turn on the nodes that still have room;
+    a read task needs a whole CPU on one node, so half-CPU actors on 1-CPU nodes leave the reads nowhere to run
+    although the cluster's total has CPUs to spare."""
+    free = list(node_cpus)
+    placed = 0
+    while placed < actors:
+        progressed = False
+        for i, cpus in enumerate(free):
+            if placed < actors and cpus >= cpus_per_actor - 1e-9:
+                free[i] = cpus - cpus_per_actor
+                placed += 1
+                progressed = True
+        if not progressed:
+            break
+    return any(cpus >= read_cpus - 1e-9 for cpus in free)
 
 
 def _checkpoint(storage: Storage, run_id: str, checkpoint: str | None) -> tuple[CheckpointRef, LoadedCheckpoint]:

@@ -13,7 +13,7 @@ import pytest
 from pipelines.dataset.synthetic import pattern_images
 from pipelines.outputs import assigner as assigner_module
 from pipelines.outputs.assigner import Assigner, assign_rows
-from pipelines.outputs.inference import InferenceOptions
+from pipelines.outputs.inference import InferenceOptions, room_for_reads
 from pipelines.storage import Storage
 from pipelines.training.checkpointing import CheckpointRef, find_latest_checkpoint, load_checkpoint
 from secu.augment import EvalTransform
@@ -81,3 +81,17 @@ def test_a_slice_whose_images_were_all_bad_gives_an_empty_table_of_the_schema(
 def test_model_placement_options_that_cannot_work_fail_before_any_work(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         InferenceOptions(**options)
+
+
+@pytest.mark.parametrize(("node_cpus", "actors", "cpus_per_actor", "room"), [
+    ([1, 1, 1], 3, 0.5, False),  # one half-CPU actor per 1-CPU node: no node keeps a whole CPU
+    ([1, 1, 1], 2, 0.5, True),  # the third node stays free
+    ([2], 2, 0.5, True),
+    ([2], 2, 0.6, False),  # 0.8 CPU left
+    ([4, 1], 2, 1.0, True),  # spread one per node: the 4-CPU node keeps 3
+    ([1, 1, 1], 2, 1.0, True),
+    ([1], 3, 0.5, False),  # more actors than fit: the ones placed already take the node
+])
+def test_room_for_reads_follows_the_spread_of_the_actor_pool(
+        node_cpus: list[float], actors: int, cpus_per_actor: float, room: bool) -> None:
+    assert room_for_reads(node_cpus, actors, cpus_per_actor) is room

@@ -139,6 +139,21 @@ def test_the_model_in_actors_writes_the_rows_of_the_model_in_the_read_tasks(
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+@pytest.mark.ray
+def test_actors_that_leave_no_node_a_whole_cpu_for_the_reads_are_warned_of(
+        ray_cluster: None, caplog: pytest.LogCaptureFixture) -> None:
+    from pipelines.outputs.inference import _resources
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.outputs.inference"):
+        _resources(InferenceOptions(model_in="actors", concurrency=1, cpus_per_actor=0.5))
+    assert "no node a whole CPU" not in caplog.text  # 1.5 of the 2 CPUs stay free
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.outputs.inference"):
+        use_gpu, actors = _resources(InferenceOptions(model_in="actors", concurrency=2, cpus_per_actor=0.6))
+    assert (use_gpu, actors) == (False, 2)
+    assert "leave no node a whole CPU for a read task" in caplog.text and "model_in=tasks" in caplog.text
+
+
 README = REPO / "README.md"
 
 
