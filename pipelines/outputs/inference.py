@@ -164,7 +164,7 @@ def _resources(options: InferenceOptions) -> tuple[bool, int]:
             "cluster). Lower concurrency or cpus_per_actor", concurrency, options.cpus_per_actor, cpus)
     else:
         node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-        if not room_for_reads(node_cpus, concurrency, options.cpus_per_actor):
+        if node_cpus and not room_for_reads(node_cpus, concurrency, options.cpus_per_actor):
             logger.warning(
                 "%d model actors x %.1f CPUs, spread over nodes of %s CPUs, leave no node a whole CPU for a read "
                 "task: the inference waits for the autoscaler (and never finishes on a fixed-size cluster). Set "
