@@ -95,8 +95,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[list[str]], int
 
 def demo(args: argparse.Namespace) -> int:
     """The job: check the training config and the source, then run every step; stop at the first failure."""
-    collect(DEMO_KEYS, args.config, args.overrides)  # the chain's steps name the datasets and the run
-    chain = steps(args)
+    chain = steps(args)  # reads --config and --set once: unknown keys fail here (the steps name datasets and run)
     train_argv = next(argv for name, _, argv in chain if name == "train")
     job = train_job.resolve_job(train_job.build_parser().parse_args(train_argv))  # bad keys/values fail before work
     if job.tracking.mlflow_enabled:  # the report step attaches the report and metrics to the training's MLflow run
